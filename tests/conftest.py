@@ -1,0 +1,83 @@
+"""Shared fixtures: a tiny synthetic dataset in the Kaggle layout and tiny weights folders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tumor_xai.checkpoint import save_weights
+from tumor_xai.model import build_model
+from tumor_xai.preprocess import PreprocessConfig
+
+CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "assets" / "examples"
+
+
+def synthetic_slice(label: int, rng: np.random.Generator, size: int = 64) -> np.ndarray:
+    """A grey 'head' disc with a bright blob whose place depends on the class (none for notumor)."""
+    yy, xx = np.mgrid[:size, :size]
+    c = size / 2
+    img = np.where((yy - c) ** 2 + (xx - c) ** 2 < (0.42 * size) ** 2, 90.0, 0.0)
+    img += rng.normal(0, 8, img.shape)
+    spots = {0: (0.3, 0.3), 1: (0.3, 0.7), 3: (0.7, 0.5)}
+    if label in spots:
+        cy, cx = spots[label]
+        cy, cx = cy * size + rng.integers(-3, 4), cx * size + rng.integers(-3, 4)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < (0.1 * size) ** 2] = 230.0
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def make_dataset(root: Path, per_class: dict[str, int] | None = None, size: int = 64, seed: int = 0) -> Path:
+    """Write a Kaggle-layout dataset of synthetic slices under ``root`` and return ``root``."""
+    per_class = per_class or {"Training": 10, "Testing": 4}
+    rng = np.random.default_rng(seed)
+    for split, n in per_class.items():
+        for label, name in enumerate(CLASSES):
+            d = root / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(synthetic_slice(label, rng, size)).save(d / f"{split[:2]}-{name[:2]}_{i:04d}.jpg", quality=95)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """40 training and 16 testing synthetic 64 px slices in the Kaggle layout."""
+    return make_dataset(tmp_path_factory.mktemp("tiny-data"))
+
+
+def make_weights(out: Path, input_size: int = 64, seed: int = 0, **extra_meta) -> Path:
+    torch.manual_seed(seed)
+    model = build_model("resnet18", len(CLASSES))
+    meta = {
+        "arch": "resnet18",
+        "class_names": CLASSES,
+        "preprocessing": PreprocessConfig(input_size=input_size).to_dict(),
+        "calibration": {"temperature": 1.0},
+        "screening": {"threshold": 0.5, "target_sensitivity": 0.995},
+    }
+    meta.update(extra_meta)
+    return save_weights(model, out, meta)
+
+
+@pytest.fixture()
+def tiny_weights(tmp_path) -> Path:
+    """An untrained ResNet18 weights folder at 64 px."""
+    return make_weights(tmp_path / "weights")
+
+
+@pytest.fixture(scope="session")
+def full_data() -> Path:
+    """The real dataset, from TUMOR_XAI_DATA; tests that need it skip with the reason when unset."""
+    root = os.environ.get("TUMOR_XAI_DATA")
+    if not root:
+        pytest.skip("TUMOR_XAI_DATA is not set: point it at the Kaggle Brain Tumor MRI folder to run this test")
+    if not Path(root).is_dir():
+        pytest.skip(f"TUMOR_XAI_DATA={root} is not a folder")
+    return Path(root)
