@@ -1,0 +1,199 @@
+"""Class-activation heatmaps: a hook-free Grad-CAM fast path plus pytorch-grad-cam's methods.
+
+Every map is computed on the exact tensor the model classified (the output of
+:func:`tumor_xai.preprocess.prepare`), min-max normalised to [0, 1] at the feature map's resolution and
+resized bilinearly to the model's square input, as pytorch-grad-cam does; the caller maps it back onto
+the original pixels with :meth:`tumor_xai.preprocess.Geometry.to_original`.
+
+Fast path: a ResNet ends in global average pooling and one linear layer, so the gradient of logit
+``c`` with respect to the last block's map ``A`` (``k`` channels, ``h x w`` cells) is ``W[c, k] / (h*w)``
+at every cell. Grad-CAM on the last block is therefore ``ReLU(sum_k W[c, k] A_k)`` up to a positive
+scale that normalisation removes: no backward pass, no hooks, and it reuses the forward pass that
+produced the prediction.
+
+Library methods register hooks on the model and keep activations on the CAM object, so two
+concurrent calls on one model would mix each other's tensors (and a plain forward running at the same
+time would trip the hooks too). :func:`explain_batch` therefore runs them under one process-wide lock,
+with hooks registered only for the duration of the call; :class:`tumor_xai.predictor.Predictor` gives
+them a private copy of the model so its hook-free forwards never meet a hook.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM, XGradCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import nn
+
+from tumor_xai.model import features_and_logits
+
+__all__ = [
+    "COLORMAPS",
+    "DEFAULT_LAYER",
+    "DEFAULT_METHOD",
+    "METHODS",
+    "check_colormap",
+    "check_method",
+    "explain_batch",
+    "gradcam_from_features",
+    "is_fast_path",
+    "normalize_cams",
+    "overlay",
+    "resolve_layer",
+]
+
+logger = logging.getLogger(__name__)
+
+METHODS = {
+    "gradcam": GradCAM,
+    "gradcam++": GradCAMPlusPlus,
+    "xgradcam": XGradCAM,
+    "layercam": LayerCAM,
+    "hirescam": HiResCAM,
+    "eigencam": EigenCAM,
+    "scorecam": ScoreCAM,
+}
+DEFAULT_METHOD = "gradcam"
+DEFAULT_LAYER = "layer4"
+# ScoreCAM runs one forward pass per channel of the target layer; larger batches are faster on CPU.
+SCORECAM_BATCH = 64
+
+COLORMAPS = {
+    name[len("COLORMAP_"):].lower(): getattr(cv2, name) for name in dir(cv2) if name.startswith("COLORMAP_")
+}
+
+# One lock for every hook-based CAM in the process: hooks live on modules, not threads.
+_HOOK_LOCK = threading.Lock()
+
+
+def check_method(method: str) -> str:
+    """Return ``method`` if it is a known CAM method, else raise ``ValueError`` listing them."""
+    if method not in METHODS:
+        raise ValueError(f"unknown explanation method {method!r}; choose one of {', '.join(METHODS)}")
+    return method
+
+
+def check_colormap(name: str) -> int:
+    """The OpenCV colormap constant for ``name`` (e.g. "jet"); ``ValueError`` listing valid names."""
+    key = name.lower()
+    if key not in COLORMAPS:
+        raise ValueError(f"unknown colormap {name!r}; choose one of {', '.join(sorted(COLORMAPS))}")
+    return COLORMAPS[key]
+
+
+def _layer_names(model: nn.Module) -> list[str]:
+    names = []
+    for i in range(1, 5):
+        stage = getattr(model, f"layer{i}", None)
+        if isinstance(stage, nn.Sequential):
+            names.append(f"layer{i}")
+            names.extend(f"layer{i}.{j}" for j in range(len(stage)))
+    return names
+
+
+def resolve_layer(model: nn.Module, name: str | None = None) -> nn.Module:
+    """The module a layer name points at: "layer4" is the stage's last block, "layer4.0" its first."""
+    name = name or DEFAULT_LAYER
+    valid = _layer_names(model)
+    if name not in valid:
+        raise ValueError(f"unknown target layer {name!r}; choose one of {', '.join(valid)}")
+    module = model.get_submodule(name)
+    return module[-1] if isinstance(module, nn.Sequential) else module
+
+
+def is_fast_path(model: nn.Module, method: str, layer: str | None = None) -> bool:
+    """True when ``method`` on ``layer`` is plain Grad-CAM on the last block (computable without hooks)."""
+    return method == "gradcam" and resolve_layer(model, layer) is model.layer4[-1]
+
+
+def gradcam_from_features(fmap: torch.Tensor, fc_weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM on the last block from its map ``(N, K, h, w)`` and the fc weight ``(classes, K)``.
+
+    Returns the un-normalised maps ``(N, h, w)`` (ReLU applied), one per ``targets[i]``.
+    """
+    weights = fc_weight[targets.long()].to(fmap.dtype)  # (N, K)
+    return torch.einsum("nkhw,nk->nhw", fmap, weights).clamp_min(0)
+
+
+def normalize_cams(cams: np.ndarray, size: int) -> np.ndarray:
+    """Min-max normalise maps ``(N, h, w)`` and resize them bilinearly to ``(N, size, size)``.
+
+    Mirrors pytorch-grad-cam's ``scale_cam_image`` (normalise, then ``cv2.resize``), so both paths
+    produce the same numbers. A flat or non-finite map becomes zeros.
+    """
+    out = np.empty((len(cams), size, size), dtype=np.float32)
+    for i, cam in enumerate(np.asarray(cams, dtype=np.float32)):
+        cam = np.nan_to_num(cam, nan=0.0, posinf=0.0, neginf=0.0)
+        cam = np.maximum(cam, 0.0)
+        cam = cam - cam.min()
+        peak = cam.max()
+        cam = cam / peak if peak > 0 else np.zeros_like(cam)
+        if cam.shape != (size, size):
+            cam = cv2.resize(cam, (size, size), interpolation=cv2.INTER_LINEAR)
+        out[i] = np.clip(cam, 0.0, 1.0)
+    return out
+
+
+def _library_cams(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, method: str, layer: str | None) -> np.ndarray:
+    # Gradients are needed (except for EigenCAM/ScoreCAM), and an inference-mode tensor cannot enter
+    # autograd: clone it into an ordinary tensor first.
+    x = x.detach().clone()
+    target_module = resolve_layer(model, layer)
+    with _HOOK_LOCK, torch.enable_grad():
+        cam = METHODS[method](model=model, target_layers=[target_module])
+        try:
+            if method == "scorecam":
+                cam.batch_size = SCORECAM_BATCH
+            maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets])
+        finally:
+            cam.activations_and_grads.release()  # remove the hooks before anyone else runs the model
+            model.zero_grad(set_to_none=True)
+    # The library already normalised and resized; normalise again only to scrub NaNs and flat maps.
+    return normalize_cams(maps, x.shape[-1])
+
+
+def explain_batch(
+    model: nn.Module,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    method: str = DEFAULT_METHOD,
+    layer: str = DEFAULT_LAYER,
+) -> np.ndarray:
+    """Heatmaps ``(N, S, S)`` in [0, 1] for a preprocessed batch ``x`` ``(N, 1, S, S)`` and classes ``targets``.
+
+    Grad-CAM on the last block takes the hook-free fast path; other methods and layers go through
+    pytorch-grad-cam one call at a time (see the module docstring).
+    """
+    check_method(method)
+    targets = torch.as_tensor(targets).long().reshape(-1)
+    if len(targets) != len(x):
+        raise ValueError(f"got {len(targets)} targets for {len(x)} images")
+    if is_fast_path(model, method, layer):
+        with torch.inference_mode():
+            fmap, _ = features_and_logits(model, x)
+            cams = gradcam_from_features(fmap, model.fc.weight, targets)
+        return normalize_cams(cams.float().numpy(), x.shape[-1])
+    return _library_cams(model, x, targets, method, layer)
+
+
+def overlay(gray: np.ndarray, heatmap: np.ndarray, colormap: str = "jet", alpha: float = 0.4) -> Image.Image:
+    """Blend ``heatmap`` (H x W in [0, 1]) over the slice ``gray`` (H x W in [0, 1]) as an RGB image.
+
+    ``alpha`` is the heatmap's opacity: 0 shows the slice only, 1 the heatmap only.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha (heatmap opacity) must be in [0, 1], got {alpha}")
+    if gray.shape != heatmap.shape:
+        raise ValueError(f"heatmap shape {heatmap.shape} differs from the image's {gray.shape}")
+    cmap = check_colormap(colormap)
+    heat = cv2.applyColorMap(np.round(np.clip(heatmap, 0, 1) * 255).astype(np.uint8), cmap)
+    heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB).astype(np.float32)  # OpenCV colormaps are BGR
+    base = np.repeat(np.clip(gray, 0, 1)[..., None] * 255.0, 3, axis=2)
+    blended = (1.0 - alpha) * base + alpha * heat
+    return Image.fromarray(np.round(blended).astype(np.uint8))
