@@ -1,0 +1,453 @@
+"""Train a four-class ResNet on the Kaggle Brain Tumor MRI layout: one command on CPU, one GPU or many.
+
+    python -m tumor_xai.train --data DIR --out DIR [--epochs 100 --device auto ...]
+    torchrun --nproc_per_node=N -m tumor_xai.train --data DIR --out DIR   # data-parallel (NCCL / gloo)
+
+The Training split is decoded once (the same decoding and square-fitting that prediction uses) and
+held on the device as uint8; batches are augmented on that device. Output folder::
+
+    OUT/model.safetensors, OUT/model.json   best epoch, calibrated: load with Predictor.from_pretrained(OUT)
+    OUT/last/                               last epoch + optimiser state, for --resume
+    OUT/config.json, OUT/log.json           the run's configuration and per-epoch metrics
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from tumor_xai import __version__
+from tumor_xai.augment import AugmentConfig, augment
+from tumor_xai.checkpoint import atomic_write_bytes, load_weights, save_weights
+from tumor_xai.data import DataError, decode_samples, discover, split_train_val
+from tumor_xai.model import ARCHITECTURES, build_model, check_input_size, features_and_logits
+from tumor_xai.preprocess import PreprocessConfig, normalize
+
+__all__ = ["TrainConfig", "get_args_parser", "main", "train"]
+
+logger = logging.getLogger(__name__)
+
+NO_TUMOR = "notumor"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run; saved as ``config.json`` and inside the weights' metadata."""
+
+    data: str = ""
+    out: str = ""
+    arch: str = "resnet18"
+    pretrained: str | None = None
+    epochs: int = 100
+    batch_size: int = 128
+    image_size: int = 224
+    lr: float = 0.1
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    warmup_epochs: float = 3.0
+    label_smoothing: float = 0.1
+    seed: int = 0
+    val_fraction: float = 0.1
+    device: str = "auto"
+    amp: str = "auto"  # bf16 autocast: "auto" (on where the device supports it), "bf16", "off"
+    intensity: str = "percentile"
+    skip_unreadable: bool = False
+    screening_sensitivity: float = 0.995
+    half: bool = False  # store the final weights as float16
+    resume: bool = False
+    augment: dict = field(default_factory=lambda: AugmentConfig().to_dict())
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog="python -m tumor_xai.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="dataset root holding Training/<class>/*")
+    p.add_argument("--out", required=True, help="output folder for the weights, logs and config")
+    p.add_argument("--arch", default=d.arch, choices=sorted(ARCHITECTURES))
+    p.add_argument("--pretrained", default=None, choices=["imagenet"], help="start from ImageNet weights (needs internet)")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
+    p.add_argument("--image-size", type=int, default=d.image_size)
+    p.add_argument("--lr", type=float, default=d.lr, help="peak SGD learning rate for a global batch of 128 (scaled linearly)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
+    p.add_argument("--amp", default=d.amp, choices=["auto", "bf16", "off"])
+    p.add_argument("--intensity", default=d.intensity, choices=["percentile", "none"], help="per-image intensity normalisation")
+    p.add_argument("--skip-unreadable", action="store_true", help="leave unreadable images out (listed in the log) instead of stopping")
+    p.add_argument("--screening-sensitivity", type=float, default=d.screening_sensitivity)
+    p.add_argument("--half", action="store_true", help="store the final weights as float16 (half the size)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Fail before any work on arguments that cannot run; raises ``ValueError`` with what to change."""
+    if cfg.epochs < 1:
+        raise ValueError(f"--epochs must be at least 1, got {cfg.epochs}")
+    if cfg.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {cfg.batch_size}")
+    if cfg.lr <= 0:
+        raise ValueError(f"--lr must be positive, got {cfg.lr}")
+    if not 0.0 <= cfg.val_fraction < 0.5:
+        raise ValueError(f"--val-fraction must be in [0, 0.5), got {cfg.val_fraction}")
+    check_input_size(cfg.image_size)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    if cfg.amp == "bf16" and resolve_device(cfg.device).type == "cpu" and not _cpu_has_bf16():
+        raise ValueError("--amp bf16 needs a CPU with bf16 support; use --amp off")
+    out = Path(cfg.out)
+    if cfg.resume:
+        if not (out / "last" / "train_state.pt").is_file():
+            raise ValueError(f"--resume: {out}/last/train_state.pt not found; start without --resume")
+    elif out.exists() and any(out.iterdir()):
+        raise ValueError(f"output folder {out} is not empty; choose a new --out or pass --resume")
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    if cfg.amp == "off":
+        return False
+    if cfg.amp == "bf16":
+        return True
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return _cpu_has_bf16()
+
+
+def setup_distributed(device: torch.device) -> tuple[int, int]:
+    """Join the torchrun process group if launched under torchrun; returns (rank, world size)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend)
+    return dist.get_rank(), world
+
+
+def code_version() -> dict:
+    commit = None
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"tumor_xai": __version__, "git_commit": commit, "torch": torch.__version__, "python": platform.python_version()}
+
+
+# --------------------------------------------------------------------------- loops
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up then cosine decay to zero."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_one_epoch(model, optimizer, scheduler, images, labels, cfg, pre, epoch, rank, world, bf16, show) -> dict:
+    model.train()
+    n = len(images)
+    g = torch.Generator(device="cpu").manual_seed(cfg.seed * 100_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    per_rank = n // world
+    mine = perm[rank * per_rank : (rank + 1) * per_rank].to(images.device)
+    aug_g = torch.Generator(device=images.device).manual_seed(cfg.seed * 1_000_003 + epoch * 101 + rank)
+    aug_cfg = AugmentConfig(**cfg.augment)
+    steps = math.ceil(per_rank / cfg.batch_size)
+    total_loss = torch.zeros((), device=images.device)
+    correct = torch.zeros((), device=images.device)
+    seen = 0
+    bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not show, dynamic_ncols=True)
+    for i in bar:
+        idx = mine[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+        x = normalize(augment(images[idx], aug_cfg, aug_g), pre).contiguous(memory_format=torch.channels_last)
+        y = labels[idx]
+        with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total_loss += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+        if show and (i % 10 == 0 or i == steps - 1):
+            bar.set_postfix(loss=f"{total_loss.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}")
+    stats = torch.stack([total_loss, correct, torch.tensor(float(seen), device=images.device)])
+    if world > 1:
+        dist.all_reduce(stats)
+    return {"train_loss": (stats[0] / stats[2]).item(), "train_acc": (stats[1] / stats[2]).item()}
+
+
+@torch.no_grad()
+def predict_arrays(model, images, pre, batch_size, bf16, features=False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits (float32, CPU) and optionally pooled last-block features for uint8 squares, no augmentation."""
+    module = model.module if hasattr(model, "module") else model
+    module.eval()
+    all_logits, all_feats = [], []
+    for i in range(0, len(images), batch_size):
+        x = normalize(images[i : i + batch_size].float().div_(255.0), pre).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=bf16):
+            fmap, logits = features_and_logits(module, x)
+        all_logits.append(logits.float().cpu())
+        if features:
+            all_feats.append(fmap.float().mean(dim=(2, 3)).cpu())
+    return torch.cat(all_logits), (torch.cat(all_feats) if features else None)
+
+
+def evaluate(model, images, labels, pre, cfg, rank, world, bf16) -> dict:
+    """Validation loss and accuracy; each rank scores its shard and the counts are summed."""
+    if len(images) == 0:
+        return {}
+    shard = slice(rank, None, world)
+    logits, _ = predict_arrays(model, images[shard], pre, cfg.batch_size, bf16)
+    y = labels[shard].cpu()
+    stats = torch.tensor(
+        [F.cross_entropy(logits, y, reduction="sum").item(), (logits.argmax(1) == y).sum().item(), float(len(y))],
+        device=images.device,
+    )
+    if world > 1:
+        dist.all_reduce(stats)
+    return {"val_loss": (stats[0] / stats[2]).item(), "val_acc": (stats[1] / stats[2]).item()}
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_state(path: Path, optimizer, scheduler, epoch: int, best: dict, log: list) -> None:
+    """Optimiser and schedule state for --resume (tensors and plain values only: loads with weights_only)."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best, "log": log}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def weights_metadata(cfg: TrainConfig, class_names, pre: PreprocessConfig, fingerprint: str, extra: dict | None = None) -> dict:
+    meta = {
+        "arch": cfg.arch,
+        "class_names": list(class_names),
+        "in_chans": 1,
+        "preprocessing": pre.to_dict(),
+        "training": asdict(cfg),
+        "data_fingerprint": fingerprint,
+        "code_version": code_version(),
+    }
+    meta.update(extra or {})
+    return meta
+
+
+def finalize(out: Path, cfg, data, train_idx, val_idx, class_names, device, bf16) -> dict:
+    """Calibrate the best checkpoint on the validation split, fit the OOD statistics, write OUT/."""
+    from tumor_xai import calibration, ood
+
+    best = load_weights(out / "best", device=device)
+    pre = best.preprocess
+    images = data["images"]
+    labels = data["labels"]
+    meta = dict(best.metadata)
+    extras: dict[str, torch.Tensor] = {}
+    train_logits, train_feats = predict_arrays(best.model, images[train_idx], pre, cfg.batch_size, bf16, features=True)
+    if len(val_idx):
+        val_logits, val_feats = predict_arrays(best.model, images[val_idx], pre, cfg.batch_size, bf16, features=True)
+        y_val = labels[val_idx].cpu()
+        temperature = calibration.fit_temperature(val_logits, y_val)
+        probs = torch.softmax(val_logits / temperature, dim=1).numpy()
+        meta["calibration"] = {"temperature": float(temperature), "fitted_on": "validation carve-out", "n": len(val_idx)}
+        if NO_TUMOR in class_names:
+            k = class_names.index(NO_TUMOR)
+            threshold = calibration.choose_threshold(1.0 - probs[:, k], y_val.numpy() != k, cfg.screening_sensitivity)
+            meta["screening"] = {
+                "threshold": float(threshold),
+                "target_sensitivity": cfg.screening_sensitivity,
+                "chosen_on": "validation carve-out",
+                "definition": "tumour probability = 1 - P(notumor); positive when >= threshold",
+            }
+        meta.setdefault("metrics", {})["validation"] = {
+            "accuracy": float((val_logits.argmax(1) == y_val).float().mean()),
+            "n": len(val_idx),
+        }
+    else:
+        val_feats = train_feats
+        logger.warning("no validation split: temperature stays 1 and no screening threshold is stored")
+    ood_extras, ood_meta = ood.fit(train_feats, labels[train_idx].cpu(), val_feats)
+    extras.update(ood_extras)
+    meta["ood"] = ood_meta
+    save_weights(best.model, out, meta, extras=extras, half=cfg.half)
+    return meta
+
+
+# --------------------------------------------------------------------------- main
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run training as configured; returns the output folder (rank 0) or ``cfg.out``."""
+    device = resolve_device(cfg.device)
+    rank, world = setup_distributed(device)
+    show = rank == 0
+    out = Path(cfg.out)
+    torch.manual_seed(cfg.seed + rank)
+    np.random.seed(cfg.seed)
+    bf16 = use_bf16(cfg, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    t0 = time.time()
+    dataset = discover(cfg.data, splits=("Training",))
+    decoded = decode_samples(dataset.splits["Training"], cfg.image_size, skip_unreadable=cfg.skip_unreadable)
+    train_idx, val_idx = split_train_val(decoded.labels, decoded.thumbs, cfg.val_fraction, cfg.seed)
+    images = torch.from_numpy(decoded.images).unsqueeze(1).to(device)
+    labels = torch.from_numpy(decoded.labels).to(device)
+    fingerprint = dataset.fingerprint("Training") if rank == 0 else ""
+    if show:
+        print(
+            f"data: {len(train_idx)} train / {len(val_idx)} validation images of {dataset.class_names} "
+            f"({len(decoded.skipped)} skipped), decoded in {time.time() - t0:.1f}s; device {device}, "
+            f"{world} process(es), bf16 {bf16}",
+            flush=True,
+        )
+    pre = PreprocessConfig(input_size=cfg.image_size, intensity=cfg.intensity)
+
+    model = build_model(cfg.arch, len(dataset.class_names), in_chans=1, pretrained=cfg.pretrained)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    global_batch = cfg.batch_size * world
+    peak_lr = cfg.lr * global_batch / 128
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    optimizer = torch.optim.SGD(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=peak_lr, momentum=cfg.momentum, nesterov=True,
+    )
+    steps_per_epoch = math.ceil((len(train_idx) // world) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup = min(total_steps, int(cfg.warmup_epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, max(1, warmup)))
+
+    start_epoch, best, log = 0, {"val_acc": -1.0, "val_loss": float("inf"), "epoch": -1}, []
+    if cfg.resume:
+        last = load_weights(out / "last", device=device)
+        model.load_state_dict(last.model.state_dict())
+        state = torch.load(out / "last" / "train_state.pt", map_location=device, weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best, log = state["epoch"] + 1, state["best"], state["log"]
+        if show:
+            print(f"resuming after epoch {start_epoch} (best val acc {best['val_acc']:.4f})", flush=True)
+
+    ddp_model = model
+    if world > 1:
+        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    train_images, train_labels = images[train_idx], labels[train_idx]
+    val_images, val_labels = images[val_idx], labels[val_idx]
+    if show:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out / "config.json", (json.dumps(asdict(cfg), indent=2) + "\n").encode())
+    meta = weights_metadata(cfg, dataset.class_names, pre, fingerprint)
+
+    train_time = 0.0
+    for epoch in range(start_epoch, cfg.epochs):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.time()
+        stats = train_one_epoch(ddp_model, optimizer, scheduler, train_images, train_labels, cfg, pre, epoch, rank, world, bf16, show)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.time() - t
+        train_time += dt
+        stats.update(evaluate(model, val_images, val_labels, pre, cfg, rank, world, bf16))
+        stats.update(epoch=epoch + 1, seconds=round(dt, 2), images_per_s=round((len(train_idx) // world) * world / dt, 1),
+                     lr=optimizer.param_groups[0]["lr"])
+        log.append(stats)
+        if show:
+            improved = stats.get("val_acc", 0.0) > best["val_acc"] or (
+                stats.get("val_acc", 0.0) == best["val_acc"] and stats.get("val_loss", 0.0) <= best["val_loss"]
+            )
+            if improved or not len(val_idx):
+                best = {"val_acc": stats.get("val_acc", 0.0), "val_loss": stats.get("val_loss", 0.0), "epoch": epoch + 1}
+                save_weights(model, out / "best", {**meta, "metrics": {"best_epoch": best}})
+            save_weights(model, out / "last", {**meta, "metrics": {"epoch": epoch + 1}})
+            save_state(out / "last" / "train_state.pt", optimizer, scheduler, epoch, best, log)
+            atomic_write_bytes(out / "log.json", (json.dumps(log, indent=1) + "\n").encode())
+            msg = " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items())
+            print(msg, flush=True)
+
+    if show:
+        final = finalize(out, cfg, {"images": images, "labels": labels}, train_idx, val_idx, dataset.class_names, device, bf16)
+        summary = {"train_seconds": round(train_time, 1), "best": best, "calibration": final.get("calibration"),
+                   "screening": final.get("screening"), "ood": {k: v for k, v in final.get("ood", {}).items() if not isinstance(v, list)}}
+        print(json.dumps(summary, indent=1), flush=True)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = get_args_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    try:
+        check_config(cfg)
+        discover(cfg.data, splits=("Training",))  # a bad layout fails here, before anything is written
+    except (ValueError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
