@@ -1,0 +1,87 @@
+"""Temperature scaling and the screening threshold."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tumor_xai.calibration import choose_threshold, fit_temperature, temperature_nll
+
+
+def _overconfident(n: int = 2000, k: int = 4, scale: float = 3.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels drawn from softmax(z); the 'model' reports scale * z, i.e. it is over-confident by ``scale``."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, k, generator=g) * 1.5
+    labels = torch.multinomial(torch.softmax(z, dim=1), 1, generator=g).squeeze(1)
+    return z * scale, labels
+
+
+def test_temperature_undoes_overconfidence_and_lowers_nll():
+    logits, labels = _overconfident(scale=3.0)
+    t = fit_temperature(logits, labels)
+    assert t > 1.0
+    assert t == pytest.approx(3.0, rel=0.15)  # labels were drawn at temperature 3
+    assert temperature_nll(logits, labels, t) < temperature_nll(logits, labels, 1.0) - 0.1
+    # It is the minimum: nudging T either way does not help.
+    for other in (t * 0.9, t * 1.1):
+        assert temperature_nll(logits, labels, t) <= temperature_nll(logits, labels, other)
+
+
+def test_underconfident_logits_get_a_temperature_below_one():
+    logits, labels = _overconfident(scale=0.5, seed=1)
+    assert fit_temperature(logits, labels) < 1.0
+
+
+@pytest.mark.parametrize(
+    ("logits", "labels", "match"),
+    [
+        (torch.zeros(3, 4), torch.zeros(2, dtype=torch.long), "expected logits"),
+        (torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), "empty"),
+        (torch.tensor([[float("nan"), 0.0]]), torch.tensor([0]), "NaN"),
+        (torch.zeros(2, 4), torch.tensor([0, 4]), "labels must lie"),
+    ],
+)
+def test_fit_temperature_rejects_bad_input(logits, labels, match):
+    with pytest.raises(ValueError, match=match):
+        fit_temperature(logits, labels)
+
+
+def test_threshold_keeps_exactly_the_target_sensitivity():
+    rng = np.random.default_rng(0)
+    pos = rng.permutation(np.linspace(0.01, 0.99, 200))  # 200 distinct tumour scores
+    neg = rng.uniform(0, 1, 300)
+    prob = np.concatenate([pos, neg])
+    is_tumor = np.concatenate([np.ones(200, bool), np.zeros(300, bool)])
+    t = choose_threshold(prob, is_tumor, 0.995)
+    # ceil(0.995 * 200) = 199 tumour slices must be flagged: the threshold is the 199th highest score.
+    assert t == pytest.approx(np.sort(pos)[::-1][198])
+    assert np.sum(pos >= t) == 199
+    # The highest such threshold: anything above it flags only 198.
+    assert np.sum(pos >= np.nextafter(t, 1.0)) == 198
+
+
+def test_threshold_small_hand_made_case():
+    prob = np.array([0.9, 0.8, 0.3, 0.7, 0.2, 0.1])
+    is_tumor = np.array([1, 1, 1, 0, 0, 0])
+    assert choose_threshold(prob, is_tumor, 1.0) == pytest.approx(0.3)
+    assert choose_threshold(prob, is_tumor, 0.6) == pytest.approx(0.8)  # ceil(1.8) = 2 of 3
+    assert choose_threshold(prob, is_tumor, 0.5) == pytest.approx(0.8)
+
+
+def test_threshold_ties_flag_every_tied_slice():
+    prob = np.array([0.9, 0.5, 0.5, 0.5, 0.5])
+    is_tumor = np.array([1, 1, 1, 1, 0])
+    t = choose_threshold(prob, is_tumor, 0.5)  # needs 2 of 4; the 2nd highest is tied with two more
+    assert t == pytest.approx(0.5)
+    assert np.sum((prob >= t) & (is_tumor == 1)) == 4  # sensitivity reached exceeds the target
+    assert np.sum((prob >= t) & (is_tumor == 0)) == 1  # the tied no-tumour slice is flagged too
+
+
+def test_threshold_rejects_bad_input():
+    with pytest.raises(ValueError, match="without any tumour slices"):
+        choose_threshold(np.array([0.1, 0.2]), np.array([0, 0]))
+    with pytest.raises(ValueError, match="differ in length"):
+        choose_threshold(np.array([0.1, 0.2]), np.array([1]))
+    with pytest.raises(ValueError, match="sensitivity must be"):
+        choose_threshold(np.array([0.1]), np.array([1]), sensitivity=0.0)

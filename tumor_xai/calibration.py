@@ -1,0 +1,94 @@
+"""Post-hoc calibration: one temperature for the softmax and one screening threshold.
+
+Both are fitted on the validation split by the trainer and stored in the weights' metadata
+(``calibration.temperature``, ``screening.threshold``), so every consumer divides the logits by the
+same temperature and flags "tumour present" at the same probability.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import minimize_scalar
+
+__all__ = ["MAX_TEMPERATURE", "MIN_TEMPERATURE", "choose_threshold", "fit_temperature", "temperature_nll"]
+
+logger = logging.getLogger(__name__)
+
+# A temperature outside this range means the logits carry no usable scale (e.g. a perfectly
+# separated validation set, where the NLL keeps falling as T -> 0); we stop at the bound and say so.
+MIN_TEMPERATURE = 0.05
+MAX_TEMPERATURE = 20.0
+
+
+def temperature_nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> float:
+    """Mean negative log-likelihood of ``labels`` under ``softmax(logits / temperature)``."""
+    return float(F.cross_entropy(logits.double() / temperature, labels.long()))
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The temperature ``T > 0`` that minimises the NLL of ``softmax(logits / T)`` (Guo et al., 2017).
+
+    ``logits`` is ``(N, K)`` and ``labels`` ``(N,)``. The NLL is convex in ``1 / T``, so a bounded
+    scalar search over ``log T`` in ``[log MIN_TEMPERATURE, log MAX_TEMPERATURE]`` finds the global
+    minimum without the step-size tuning LBFGS needs; it is done in float64 for a stable answer.
+    A result at a bound is logged as a warning (the validation set cannot pin the temperature down).
+    """
+    logits = torch.as_tensor(logits).detach().cpu().double()
+    labels = torch.as_tensor(labels).detach().cpu().long()
+    if logits.ndim != 2 or labels.ndim != 1 or len(logits) != len(labels):
+        raise ValueError(f"expected logits (N, K) and labels (N,), got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    if len(labels) == 0:
+        raise ValueError("cannot fit a temperature on an empty set")
+    if not torch.isfinite(logits).all():
+        raise ValueError("logits contain NaN or infinite values")
+    if labels.min() < 0 or labels.max() >= logits.shape[1]:
+        raise ValueError(f"labels must lie in [0, {logits.shape[1] - 1}]")
+
+    def objective(log_t: float) -> float:
+        return temperature_nll(logits, labels, math.exp(log_t))
+
+    lo, hi = math.log(MIN_TEMPERATURE), math.log(MAX_TEMPERATURE)
+    result = minimize_scalar(objective, bounds=(lo, hi), method="bounded", options={"xatol": 1e-6})
+    temperature = float(math.exp(result.x))
+    if min(abs(result.x - lo), abs(result.x - hi)) < 1e-3:
+        logger.warning("temperature %.3g sits at the search bound: the validation set cannot pin it down", temperature)
+    logger.info(
+        "temperature %.4f: NLL %.4f -> %.4f on %d samples",
+        temperature, objective(0.0), float(result.fun), len(labels),
+    )
+    return temperature
+
+
+def choose_threshold(tumor_prob: np.ndarray, is_tumor: np.ndarray, sensitivity: float = 0.995) -> float:
+    """The highest threshold on ``P(tumour) = 1 - P(notumor)`` that keeps ``sensitivity`` on this set.
+
+    A slice is flagged when ``tumor_prob >= threshold``. With ``n`` tumour slices, at least
+    ``k = ceil(sensitivity * n)`` must be flagged, so the threshold is the k-th highest tumour-slice
+    probability. Ties: every slice whose probability equals the threshold is flagged, so when
+    several tumour slices share that value the sensitivity reached can exceed the target, and
+    no-tumour slices at exactly that value are flagged too (they count as false positives).
+    """
+    prob = np.asarray(tumor_prob, dtype=np.float64).ravel()
+    positive = np.asarray(is_tumor).astype(bool).ravel()
+    if prob.shape != positive.shape:
+        raise ValueError(f"tumor_prob and is_tumor differ in length ({prob.size} vs {positive.size})")
+    if not 0.0 < sensitivity <= 1.0:
+        raise ValueError(f"sensitivity must be in (0, 1], got {sensitivity}")
+    if not np.isfinite(prob).all():
+        raise ValueError("tumor_prob contains NaN or infinite values")
+    scores = np.sort(prob[positive])[::-1]
+    if scores.size == 0:
+        raise ValueError("cannot choose a threshold without any tumour slices")
+    # The small slack keeps 0.995 * 200 = 199.00000000000003 from demanding 200 slices.
+    k = max(1, math.ceil(sensitivity * scores.size - 1e-9))
+    threshold = float(scores[k - 1])
+    logger.info(
+        "threshold %.6f flags %d/%d tumour slices (target sensitivity %.3f)",
+        threshold, int(np.sum(scores >= threshold)), scores.size, sensitivity,
+    )
+    return threshold
