@@ -1,0 +1,102 @@
+"""The training CLI: argument checks, a one-epoch CPU smoke run, resume, and 2-process DDP with gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tumor_xai import Predictor
+from tumor_xai.train import lr_factor, main
+
+SMOKE = ["--epochs", "1", "--image-size", "64", "--batch-size", "8", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    assert main(["--data", str(tiny_dataset), "--out", str(out), *SMOKE, "--epochs", "2"]) == 0
+    return out
+
+
+def test_smoke_run_writes_a_loadable_calibrated_folder(trained, tiny_dataset):
+    for name in ("model.safetensors", "model.json", "config.json", "log.json", "last/train_state.pt", "best/model.json"):
+        assert (trained / name).is_file(), name
+    log = json.loads((trained / "log.json").read_text())
+    assert [e["epoch"] for e in log] == [1, 2] and {"train_loss", "train_acc", "val_loss", "val_acc"} <= set(log[0])
+    meta = json.loads((trained / "model.json").read_text())
+    assert meta["training"]["epochs"] == 2 and meta["preprocessing"]["input_size"] == 64
+    assert meta["calibration"]["temperature"] > 0 and 0 <= meta["screening"]["threshold"] <= 1
+    assert "ood" in meta and len(meta["data_fingerprint"]) == 64
+    pred = Predictor.from_pretrained(trained).predict(next((tiny_dataset / "Testing" / "glioma").iterdir()))
+    assert list(pred.probabilities) == ["glioma", "meningioma", "notumor", "pituitary"]
+    assert abs(sum(pred.probabilities.values()) - 1) < 1e-5
+    assert pred.label in pred.probabilities and pred.tumor_probability is not None
+
+
+def test_resume_continues_from_last_epoch(trained, tiny_dataset, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(trained, out)
+    assert main(["--data", str(tiny_dataset), "--out", str(out), *SMOKE, "--epochs", "3", "--resume"]) == 0
+    assert [e["epoch"] for e in json.loads((out / "log.json").read_text())] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--image-size", "100"], "multiple of 32"),
+        (["--device", "cuda"], "no CUDA GPU"),
+        (["--epochs", "0"], "--epochs"),
+        (["--val-fraction", "0.7"], "--val-fraction"),
+        (["--resume"], "--resume"),
+    ],
+)
+def test_bad_arguments_fail_before_any_work(tiny_dataset, tmp_path, capsys, extra, message):
+    if "--device" in extra:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is present")
+    out = tmp_path / "out"
+    args = ["--data", str(tiny_dataset), "--out", str(out), *SMOKE]
+    for i in range(0, len(extra), 2):  # later flags win in argparse
+        args += extra[i : i + 2] if i + 1 < len(extra) else extra[i:]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists(), "nothing may be written when the arguments are bad"
+
+
+def test_missing_data_folder_and_non_empty_out(tmp_path, tiny_dataset, capsys):
+    assert main(["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), *SMOKE]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "x").write_text("keep me")
+    assert main(["--data", str(tiny_dataset), "--out", str(busy), *SMOKE]) == 2
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    assert lr_factor(0, 100, 10) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10) == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10) == pytest.approx(0.5)
+    assert lr_factor(100, 100, 10) == pytest.approx(0.0)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_with_gloo(tiny_dataset, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "tumor_xai.train", "--data", str(tiny_dataset), "--out", str(out), *SMOKE]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout
+    log = json.loads((out / "log.json").read_text())
+    assert len(log) == 1 and log[0]["epoch"] == 1
+    Predictor.from_pretrained(out)
