@@ -609,7 +609,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder for metrics.json, figures and report.md")
     p.add_argument("--localization", action="store_true", help="score heatmaps against the expert tumour masks")
     p.add_argument("--masks", type=Path, default=None, help="masks folder (default: <data>/../brain-tumor-mri-masks)")
-    p.add_argument("--methods", type=_csv, default=None, help="comma-separated heatmap methods (default: all)")
+    p.add_argument("--methods", type=_csv, default=None, help="comma-separated heatmap methods (default: all seven; scorecam runs one forward pass per channel of the layer, i.e. minutes per 100 images on CPU)")
     p.add_argument("--layers", type=_csv, default=DEFAULT_LAYERS, help="comma-separated target layers (default: layer4,layer3)")
     p.add_argument("--no-stress", dest="stress", action="store_false", help="skip the stress tests")
     p.add_argument("--batch-size", type=_positive, default=32)
