@@ -163,6 +163,8 @@ def test_exif_orientation_6_comes_back_rotated():
 
 def test_pil_images_and_arrays_are_accepted():
     arr = gradient(32, 40)
+    decoded = load_image(arr)
+    assert load_image(decoded) is decoded
     check_decoded(load_image(Image.fromarray(arr)), (32, 40))
     np.testing.assert_allclose(load_image(arr).gray, arr / 255.0, atol=1e-6)
     np.testing.assert_allclose(load_image(arr[..., None]).gray, arr / 255.0, atol=1e-6)
@@ -298,6 +300,7 @@ def test_dicom_without_pixels_is_refused():
         load_image(dicom_file("rtplan.dcm"))
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns while *writing* the invalid test values
 def test_no_patient_identifier_leaks(tmp_path, caplog):
     ds = pydicom.dcmread(dicom_file("MR_small.dcm"))
     for keyword in ("PatientName", "PatientID", "InstitutionName", "StudyDescription", "ReferringPhysicianName"):
@@ -364,12 +367,16 @@ def _truncated(data: bytes, keep: float) -> bytes:
         ("bundle.png", b"PK\x03\x04" + b"\x00" * 200, "ZIP"),
         ("cut.jpg", _truncated(encode(Image.fromarray(gradient()), "JPEG"), 0.6), "truncated JPEG: the image data ends early"),
         ("cut.png", _truncated(encode(Image.fromarray(gradient()), "PNG"), 0.6), "truncated PNG"),
-        ("header.png", encode(Image.fromarray(gradient()), "PNG")[:20], "damaged image header"),
+        ("header.png", encode(Image.fromarray(gradient()), "PNG")[:20], "truncated PNG: the header ends early"),
+        ("header.gif", encode(Image.fromarray(gradient()), "GIF")[:200], "starts like a GIF file but is truncated"),
+        ("header.dcm", lambda: dicom_file("MR_small.dcm").read_bytes()[:300], "without image pixels: it is truncated"),
+        ("rows.dcm", lambda: dicom_file("MR_small.dcm").read_bytes()[:830], "truncated DICOM file: it ends before its"),
+        ("pixels.dcm", lambda: dicom_file("MR_small.dcm").read_bytes()[:-8200], "pixel data is shorter than its header"),
     ],
 )
 def test_bad_files_raise_a_clear_error(tmp_path, name, content, match):
     path = tmp_path / name
-    path.write_bytes(content)
+    path.write_bytes(content() if callable(content) else content)
     with pytest.raises(InvalidImageError, match=match):
         load_image(path)
 
@@ -379,6 +386,9 @@ def test_missing_path_directory_and_wrong_type(tmp_path):
         load_image(tmp_path / "missing.png")
     with pytest.raises(InvalidImageError, match="is a folder"):
         load_image(tmp_path)
+    if Path("/dev/zero").exists():  # would stream forever if read
+        with pytest.raises(InvalidImageError, match="not a regular file"):
+            load_image("/dev/zero")
     with pytest.raises(InvalidImageError, match="No image was given"):
         load_image(None)
     with pytest.raises(InvalidImageError, match="Cannot read an image from a int"):
@@ -423,6 +433,7 @@ def test_absurd_shapes_are_refused():
     assert load_image(np.zeros((8, 8), np.uint8), min_side=8).size == (8, 8)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # damaged files make Pillow and pydicom warn, as they should
 def test_fuzzed_bytes_only_raise_invalid_image_error():
     rng = np.random.default_rng(1234)
     seeds = [

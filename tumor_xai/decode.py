@@ -21,18 +21,32 @@ How intensities are mapped to [0, 1]
       the file are applied with :mod:`pydicom.pixels`, and the window's output range is mapped to
       [0, 1]; without a window the full range of the rescaled values is used (min-max).
       MONOCHROME1 is inverted; RGB, YBR and PALETTE COLOR are converted to gray. Multi-frame
-      datasets: only the middle frame is decoded, and ``info["frame"]`` says which one.
+      datasets: only the middle frame is decoded, and ``info["frame"]`` says which one. Windows
+      held only in per-frame functional groups (enhanced MR/CT) are not read: full range there.
+    * DICOM transfer syntaxes: whatever pydicom decodes with the installed packages (uncompressed
+      little/big endian, deflate, RLE; JPEG baseline/extended 8-bit and JPEG 2000 through Pillow).
+      Others (JPEG-LS, lossless JPEG, HTJ2K without their plugins) are refused with a message naming
+      the transfer syntax and the package it would need.
+
+Limits
+    Files over ``max_bytes`` (32 MB), images over ``max_pixels`` (40 MP, checked from the header
+    before any pixel is decoded; Pillow's own ``DecompressionBombError`` is mapped too), sides under
+    ``min_side`` (16 px) and aspect ratios over 10:1 are refused. Pillow's global
+    ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left alone (False), so truncated files are refused.
 
 Privacy
     Only the DICOM elements needed to rebuild the pixels are parsed (``specific_tags``), so patient
-    names and IDs are never read into memory, logged, returned in ``info`` or put into an error
-    message. ``info`` carries a whitelist of non-identifying facts only.
+    names and IDs are never turned into values, logged, returned in ``info`` or put into an error
+    message; ``info`` carries a whitelist of non-identifying facts, with code strings echoed only
+    from closed sets. pydicom's value validation (whose warnings quote values) is off during our
+    reads, and DICOM refusals are raised without a chained library exception.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import os
 import re
 import struct
 import threading
@@ -62,8 +76,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-ImageSource = Union[str, Path, bytes, bytearray, memoryview, Image.Image, np.ndarray]
 
 MAX_FILE_BYTES = 32 * 1024 * 1024
 MAX_PIXELS = 40_000_000
@@ -137,6 +149,7 @@ _MODALITIES = frozenset(
     "MR CT PT NM US CR DX MG XA RF OT SC SEG SR PR KO DOC ES XC OP OPT IO PX GM SM BI"
     " RTIMAGE RTDOSE RTPLAN RTSTRUCT RTRECORD REG".split()
 )
+_NON_IMAGE_MODALITIES = frozenset("SR PR KO DOC REG RTPLAN RTSTRUCT RTRECORD".split())
 _PHOTOMETRIC = frozenset(
     "MONOCHROME1 MONOCHROME2 RGB YBR_FULL YBR_FULL_422 YBR_ICT YBR_RCT YBR_PARTIAL_420".split() + ["PALETTE COLOR"]
 )
@@ -163,6 +176,9 @@ class DecodedImage:
         return self.gray.shape[0], self.gray.shape[1]
 
 
+ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray, DecodedImage]
+
+
 @dataclass(frozen=True)
 class _Limits:
     max_bytes: int
@@ -180,13 +196,15 @@ def load_image(
     """Decode ``source`` into a :class:`DecodedImage`; raise :class:`InvalidImageError` if it can't be.
 
     ``source`` is a path, the file's bytes, a PIL image, or a numpy array (``uint8``, ``uint16`` or
-    float in [0, 1]; H x W, H x W x 1, x 3 or x 4). Files over ``max_bytes``, images over
+    float in [0, 1]; H x W, H x W x 1, x 3 or x 4); a :class:`DecodedImage` is returned as it is. Files over ``max_bytes``, images over
     ``max_pixels`` (checked from the header, before the pixels are decoded) and images with a side
     under ``min_side`` pixels are refused.
     """
     limits = _Limits(max_bytes, max_pixels, min_side)
     if source is None:
         raise InvalidImageError("No image was given. Choose an image file and try again.")
+    if isinstance(source, DecodedImage):
+        return source
     if isinstance(source, Image.Image):
         _check_shape(source.width, source.height, "This image", limits)
         try:
@@ -197,7 +215,7 @@ def load_image(
         return _from_array(source, limits)
     if isinstance(source, (bytes, bytearray, memoryview)):
         return _decode_bytes(bytes(source), "The uploaded data", limits)
-    if isinstance(source, (str, Path)):
+    if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         return _decode_bytes(_read_file(path, limits), f"'{path.name}'", limits)
     raise InvalidImageError(
@@ -215,11 +233,14 @@ def _read_file(path: Path, limits: _Limits) -> bytes:
         raise InvalidImageError(f"There is no file at {path}. Check the path and try again.")
     if path.is_dir():
         raise InvalidImageError(f"{path} is a folder, not an image file. Choose one image file inside it.")
+    if not path.is_file():  # a device or a pipe could stream forever
+        raise InvalidImageError(f"{path} is not a regular file. Choose an image file.")
     try:
         size = path.stat().st_size
         if size > limits.max_bytes:
             raise InvalidImageError(_too_big(name, size, limits))
-        return path.read_bytes()
+        with path.open("rb") as f:
+            return f.read(limits.max_bytes + 1)  # never more than the limit, even if the file grows
     except OSError as exc:
         raise InvalidImageError(f"Cannot read {name}: {exc.strerror or exc}.") from exc
 
@@ -236,7 +257,7 @@ def _decode_bytes(data: bytes, name: str, limits: _Limits) -> DecodedImage:
         return decoded
     if _looks_like_bare_dicom(data):
         return _decode_dicom(data, name, limits, force=True)
-    raise InvalidImageError(f"{name} is not an image this tool can read: {_describe(data)}. Use a {_SUPPORTED} file.")
+    raise InvalidImageError(_unreadable(name, data))
 
 
 def _from_array(arr: np.ndarray, limits: _Limits) -> DecodedImage:
@@ -285,7 +306,8 @@ def _decode_pil(data: bytes, name: str, limits: _Limits) -> DecodedImage | None:
     except Image.DecompressionBombError as exc:
         raise InvalidImageError(f"{name} is too large to decode safely ({exc}).") from exc
     except _DECODER_ERRORS as exc:
-        raise InvalidImageError(f"{name} has a damaged image header ({exc}). {_RETRY}") from exc
+        fmt = next((f for sig, f in _SIGNATURES.items() if data.startswith(sig)), "image")
+        raise InvalidImageError(_damaged(name, fmt, exc, part="header")) from exc
     fmt = "JPEG" if img.format == "MPO" else (img.format or "image")
     with img:
         _check_shape(img.width, img.height, name, limits)
@@ -323,11 +345,11 @@ def _from_pil(img: Image.Image, fmt: str) -> DecodedImage:
     return DecodedImage(gray, fmt, colorfulness, info)
 
 
-def _damaged(name: str, fmt: str, exc: BaseException) -> str:
+def _damaged(name: str, fmt: str, exc: BaseException, part: str = "image data") -> str:
     text = str(exc).lower()
     if isinstance(exc, EOFError) or any(w in text for w in ("truncated", "ends early", "broken data stream", "end of file")):
-        return f"{name} is a truncated {fmt}: the image data ends early. {_RETRY}"
-    return f"{name} is a damaged {fmt}: its image data could not be decoded ({exc}). {_RETRY}"
+        return f"{name} is a truncated {fmt}: the {part} ends early. {_RETRY}"
+    return f"{name} is a damaged {fmt}: its {part} could not be decoded ({exc}). {_RETRY}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -356,13 +378,8 @@ def _decode_dicom_unlocked(data: bytes, name: str, limits: _Limits, *, force: bo
         ds.walk(lambda *_: None)  # elements are parsed lazily; parse them all now, while errors mean "header"
         if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
             if force:  # preamble-less guess: most likely not DICOM at all
-                raise InvalidImageError(
-                    f"{name} is not an image this tool can read: {_describe(data)}. Use a {_SUPPORTED} file."
-                )
-            raise InvalidImageError(
-                f"{name} is a DICOM file without image pixels (modality {_code(ds.get('Modality'), _MODALITIES)}), "
-                "e.g. a report or a structure set. Choose an image series file instead."
-            )
+                raise InvalidImageError(_unreadable(name, data))
+            raise InvalidImageError(_no_pixels(name, ds))
         ts = _transfer_syntax(ds)
         _check_decoder(ts, name)
         info = _dicom_info(ds, ts, name)
@@ -473,7 +490,8 @@ def _dicom_to_gray(arr: np.ndarray, ds: pydicom.Dataset, info: dict[str, Any]) -
 
 def _apply_window(values: np.ndarray, ds: pydicom.Dataset, info: dict[str, Any]) -> np.ndarray:
     """VOI LUT or the first window -> [0, 1]; the full rescaled range when the file has neither."""
-    has_lut = bool(ds.get("VOILUTSequence"))
+    lut = ds.get("VOILUTSequence")
+    has_lut = bool(lut) and "LUTDescriptor" in lut[0] and "LUTData" in lut[0]  # pydicom's own test
     has_window = ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None
     if not (has_lut or has_window):
         info["window"] = "full range (no window in the file)"
@@ -525,7 +543,7 @@ def _transfer_syntax(ds: pydicom.Dataset) -> UID:
 
 def _ts_name(ts: UID) -> str:
     if ts.is_transfer_syntax:
-        return f"'{ts.name}'"
+        return ts.name
     return f"the unrecognised transfer syntax {ts}" if _UID_STRING.match(str(ts)) else "an unrecognised transfer syntax"
 
 
@@ -592,6 +610,42 @@ def _rgb_to_gray(rgb: np.ndarray) -> tuple[np.ndarray, float]:
     colorfulness = float(np.mean(rgb.max(axis=2) - rgb.min(axis=2)))
     gray = np.clip(rgb @ _LUMA, 0.0, 1.0).astype(np.float32)
     return gray, colorfulness
+
+
+_SIGNATURES = {
+    b"\xff\xd8\xff": "JPEG",
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"GIF87a": "GIF",
+    b"GIF89a": "GIF",
+    b"BM": "BMP",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+}
+
+
+def _unreadable(name: str, data: bytes) -> str:
+    """The message for bytes no decoder recognised, saying what they look like."""
+    fmt = next((f for sig, f in _SIGNATURES.items() if data.startswith(sig)), None)
+    if fmt is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        fmt = "WebP"
+    if fmt is not None:  # the right magic bytes, but Pillow could not even read the header
+        return f"{name} starts like a {fmt} file but is truncated or damaged. {_RETRY}"
+    return f"{name} is not an image this tool can read: {_describe(data)}. Use a {_SUPPORTED} file."
+
+
+def _no_pixels(name: str, ds: pydicom.Dataset) -> str:
+    modality = _code(ds.get("Modality"), _MODALITIES)
+    if "Rows" in ds or modality in _MODALITIES - _NON_IMAGE_MODALITIES:  # an image whose file ends early
+        return f"{name} is a truncated DICOM file: it ends before its pixel data. Export the slice again and try again."
+    if modality == "other":
+        return (
+            f"{name} is a DICOM file without image pixels: it is truncated, or it is not an image object. "
+            "Export the slice again and try again."
+        )
+    return (
+        f"{name} is a DICOM file without image pixels (modality {modality}), e.g. a report or a structure set. "
+        "Choose an image series file instead."
+    )
 
 
 def _describe(data: bytes) -> str:
