@@ -83,6 +83,7 @@ def test_planted_duplicates_are_found_and_counted(planted):
     assert exact["training_redundant"] == 1
     assert near["training_pairs"] == 1
     assert near["training_redundant"] == 1
+    assert "1 Training images are redundant copies, 1 of them in notumor" in planted["text"]
 
 
 def test_cross_class_duplicate_is_listed_by_name(planted):

@@ -41,6 +41,7 @@ __all__ = [
     "FileInfo",
     "build_report",
     "census_files",
+    "get_args_parser",
     "duplicate_census",
     "image_stats",
     "jpeg_quality",
@@ -665,7 +666,7 @@ def _markdown(ds, dec, files, counts, stats, dup: DuplicateCensus, figs, summary
         ["cross-class pairs Testing × Training", len(near["cross_class_across"])],
     ]  # fmt: skip
     add(_table(["", "count"], rows) + "\n")
-    rows = []
+    per_class = []
     exact_te = np.zeros(len(te.labels), bool)
     exact_te[[i for i, _ in dup.exact_across]] = True
     twin = np.zeros(len(te.labels), bool)
@@ -677,14 +678,14 @@ def _markdown(ds, dec, files, counts, stats, dup: DuplicateCensus, figs, summary
         in_multi = [g for g in groups_c if g in multi]
         exact_c = sum(sum(1 for k in g if tr.labels[k] == c) - 1 for g in dup.exact_train if any(tr.labels[k] == c for k in g))
         sel = te.labels == c
-        rows.append([
+        per_class.append([
             names[c], counts["Training"][c], max(exact_c, 0), len(in_multi), len(in_multi) - len(set(in_multi)),
             counts["Testing"][c], int(exact_te[sel].sum()), int(twin[sel].sum()), int(sel.sum() - twin[sel].sum()),
         ])  # fmt: skip
     add("Per class (Testing counts by the Testing image's label):\n")
     add(_table(["class", "Training", "byte-identical extra copies", "in a near-dup group", "redundant (near)",
                 "Testing", "Testing = Training file (bytes)", "Testing with Training twin", "duplicate-free Testing"],
-               rows) + "\n")  # fmt: skip
+               per_class) + "\n")  # fmt: skip
     add(f"![Nearest Training image for each Testing image]({figs['nearest']})\n")
 
     add("### Cross-class duplicates: the same picture with two labels\n")
@@ -713,15 +714,15 @@ def _markdown(ds, dec, files, counts, stats, dup: DuplicateCensus, figs, summary
 
     add("## 6. What this means\n")
     tw, nte = near["testing_with_training_twin"], len(te.labels)
-    per_class = near["testing_with_training_twin_per_class"]
-    worst = max(per_class, key=per_class.get)
+    twin_per_class = near["testing_with_training_twin_per_class"]
+    worst = max(twin_per_class, key=twin_per_class.get)
     worst_n = counts["Testing"][names.index(worst)]
-    redundant = {r[0]: r[4] for r in rows}
+    redundant = {r[0]: r[4] for r in per_class}
     most = max(redundant, key=redundant.get)
     add(
         f"- **Leakage across the split.** {tw} of {nte} Testing images ({tw / max(nte, 1):.0%}) are the same picture "
         f"as a Training image ({ex['testing_identical_to_training']} of them byte for byte); for {worst} it is "
-        f"{per_class[worst]} of {worst_n}. A model that memorises its training set gets those right for free, so "
+        f"{twin_per_class[worst]} of {worst_n}. A model that memorises its training set gets those right for free, so "
         "accuracy on the official Testing split is optimistic. Report it only beside accuracy on the "
         f"duplicate-free subset ({near['duplicate_free_testing']} images; the removed files are listed in "
         "`summary.json`). Even that subset can hold neighbouring slices of a training patient, which no image "
