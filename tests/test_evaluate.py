@@ -125,6 +125,20 @@ def test_batched_inference_matches_the_predictor(tiny_dataset, tiny_weights):
         np.testing.assert_allclose(p, [single[c] for c in weights.class_names], atol=1e-5)
 
 
+@pytest.mark.xfail(strict=False, reason="decode_samples stores fit_square's output rounded to uint8 but Predictor "
+                   "(preprocess.prepare) keeps floats; they differ when fit_square resizes (lead: round in prepare too)")
+def test_batched_inference_matches_the_predictor_when_resizing(tiny_dataset, tmp_path):
+    from conftest import make_weights
+
+    weights = load_weights(make_weights(tmp_path / "w32", input_size=32))  # 64 px images -> 32 px input
+    samples = discover(tiny_dataset).splits["Testing"][::4]
+    split = decode_samples(samples, 32)
+    probs = ev.predict_probabilities(weights.model, split.images, weights.preprocess)
+    predictor = Predictor(weights)
+    single = [[predictor.predict(s.path).probabilities[c] for c in weights.class_names] for s in samples]
+    np.testing.assert_allclose(probs, single, atol=1e-5)
+
+
 # -------------------------------------------------------------------------------------------------- CLI
 
 
