@@ -4,7 +4,19 @@
     torchrun --nproc_per_node=N -m tumor_xai.train --data DIR --out DIR   # data-parallel (NCCL / gloo)
 
 The Training split is decoded once (the same decoding and square-fitting that prediction uses) and
-held on the device as uint8; batches are augmented on that device. Output folder::
+held on the device as uint8; batches are augmented on that device (``--aug basic|strong|none``,
+single strengths with ``--aug-set NAME=VALUE``; see :mod:`tumor_xai.augment`).
+
+With ``--masks DIR`` (the brain-tumor-mri-masks folder) the expert tumour masks ride along on the
+device and through the same random affine as their images, for two optional signals
+(:mod:`tumor_xai.attention`): ``--cam-loss-weight W`` adds W x a loss that pulls the true class's
+activation map (the app's default heatmap) into the mask, and ``--lesion-erase P`` inpaints the lesion
+of a masked image with probability P and trains it towards "not confident" (a uniform target) rather
+than towards "no tumour": an erased glioma slice is not a clean no-tumour slice (oedema and mass
+effect stay, and it comes from another collection than the no-tumour class), but its remaining
+evidence should not support a confident tumour class either. ``--head-loss-weight W`` applies the
+CAM loss with the head region as the mask to every image without a tumour mask (no-tumour images
+included), so their evidence comes from the brain rather than the black frame. Output folder::
 
     OUT/model.safetensors, OUT/model.json   best epoch, calibrated: load with Predictor.from_pretrained(OUT)
     OUT/last/                               last epoch + optimiser state, for --resume
@@ -33,13 +45,14 @@ from torch import nn
 from tqdm import tqdm
 
 from tumor_xai import __version__
-from tumor_xai.augment import AugmentConfig, augment
+from tumor_xai import attention
+from tumor_xai.augment import PRESETS, AugmentConfig, augment, augment_pair, head_region
 from tumor_xai.checkpoint import atomic_write_bytes, load_weights, save_weights
-from tumor_xai.data import DataError, decode_samples, discover, split_train_val
+from tumor_xai.data import DataError, DecodedSplit, decode_samples, discover, split_train_val
 from tumor_xai.model import ARCHITECTURES, build_model, check_input_size, features_and_logits
 from tumor_xai.preprocess import PreprocessConfig, normalize
 
-__all__ = ["TrainConfig", "get_args_parser", "main", "train"]
+__all__ = ["TrainConfig", "TrainingData", "get_args_parser", "load_training_data", "main", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +84,15 @@ class TrainConfig:
     screening_sensitivity: float = 0.995
     half: bool = False  # store the final weights as float16
     resume: bool = False
-    augment: dict = field(default_factory=lambda: AugmentConfig().to_dict())
+    augment: dict = field(default_factory=lambda: AugmentConfig().to_dict())  # the strengths in effect
+    aug: str = "basic"  # the recipe ``augment`` started from (before --aug-set overrides)
+    masks: str | None = None  # brain-tumor-mri-masks folder
+    cam_loss_weight: float = 0.0
+    cam_loss: str = "mass"  # see tumor_xai.attention.CAM_LOSSES
+    cam_warmup_epochs: float = 10.0  # guidance losses off for the first half, then ramped up linearly
+    head_loss_weight: float = 0.0
+    lesion_erase: float = 0.0  # probability per masked image
+    erase_target: str = "uniform"  # "uniform" (not confident) or "notumor"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -97,12 +118,39 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--screening-sensitivity", type=float, default=d.screening_sensitivity)
     p.add_argument("--half", action="store_true", help="store the final weights as float16 (half the size)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
+    g = p.add_argument_group("augmentation and attention guidance")
+    g.add_argument("--aug", default=d.aug, choices=sorted(PRESETS), help="augmentation recipe (default: basic)")
+    g.add_argument("--aug-set", action="append", default=[], type=_override, metavar="NAME=VALUE",
+                   help="override one strength of the recipe, e.g. --aug-set invert=0.3 (repeatable; names: "
+                        + ", ".join(f.name for f in fields(AugmentConfig)) + ")")
+    g.add_argument("--masks", default=None, help="tumour masks folder (masks.csv + <split>/<class>/<stem>.png)")
+    g.add_argument("--cam-loss-weight", type=float, default=d.cam_loss_weight, help="weight of the CAM-in-mask loss (0: off)")
+    g.add_argument("--cam-loss", default=d.cam_loss, choices=attention.CAM_LOSSES, help="mass: -log heat in mask; kl: KL(mask || CAM)")
+    g.add_argument("--cam-warmup-epochs", type=float, default=d.cam_warmup_epochs,
+                   help="the CAM and head losses are off for the first half of this many epochs and ramp up over the second half")
+    g.add_argument("--head-loss-weight", type=float, default=d.head_loss_weight,
+                   help="weight of the CAM-in-head loss for images without a tumour mask (0: off)")
+    g.add_argument("--lesion-erase", type=float, default=d.lesion_erase, help="probability of inpainting a masked lesion (0: off)")
+    g.add_argument("--erase-target", default=d.erase_target, choices=["uniform", "notumor"], help="target of an erased image")
     return p
 
 
+def _override(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return name.strip().replace("-", "_"), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=NUMBER, got {text!r}") from None
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The run's configuration; raises ``ValueError`` for an unknown ``--aug-set`` name or a negative strength."""
     names = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values["augment"] = AugmentConfig.preset(args.aug).with_overrides(dict(args.aug_set)).to_dict()
+    return TrainConfig(**values)
 
 
 # --------------------------------------------------------------------------- set-up
@@ -119,6 +167,28 @@ def check_config(cfg: TrainConfig) -> None:
     if not 0.0 <= cfg.val_fraction < 0.5:
         raise ValueError(f"--val-fraction must be in [0, 0.5), got {cfg.val_fraction}")
     check_input_size(cfg.image_size)
+    for flag, value in (("--cam-loss-weight", cfg.cam_loss_weight), ("--head-loss-weight", cfg.head_loss_weight)):
+        if not value >= 0:
+            raise ValueError(f"{flag} must be >= 0, got {value}")
+    if not cfg.cam_warmup_epochs >= 0:
+        raise ValueError(f"--cam-warmup-epochs must be >= 0, got {cfg.cam_warmup_epochs}")
+    if not 0.0 <= cfg.lesion_erase <= 1.0:
+        raise ValueError(f"--lesion-erase is a probability in [0, 1], got {cfg.lesion_erase}")
+    if cfg.cam_loss not in attention.CAM_LOSSES:
+        raise ValueError(f"--cam-loss must be one of {attention.CAM_LOSSES}, got {cfg.cam_loss!r}")
+    if cfg.erase_target not in ("uniform", "notumor"):
+        raise ValueError(f"--erase-target must be uniform or notumor, got {cfg.erase_target!r}")
+    needs_masks = cfg.cam_loss_weight > 0 or cfg.lesion_erase > 0
+    if needs_masks and not cfg.masks:
+        raise ValueError("--cam-loss-weight and --lesion-erase need --masks DIR (the brain-tumor-mri-masks folder)")
+    if cfg.masks and not needs_masks:
+        raise ValueError("--masks is only used by --cam-loss-weight or --lesion-erase; add one of them or drop --masks")
+    if cfg.masks and not (Path(cfg.masks) / "masks.csv").is_file():
+        raise ValueError(f"--masks {cfg.masks}: no masks.csv there; point it at the brain-tumor-mri-masks folder")
+    try:
+        AugmentConfig(**cfg.augment)  # an unknown key in a hand-made config fails here, not mid-run
+    except TypeError as exc:
+        raise ValueError(f"bad augmentation settings {cfg.augment}: {exc}") from None
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
     if cfg.amp == "bf16" and resolve_device(cfg.device).type == "cpu" and not _cpu_has_bf16():
@@ -192,7 +262,68 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def train_one_epoch(model, optimizer, scheduler, images, labels, cfg, pre, epoch, rank, world, bf16, show) -> dict:
+class FeaturesAndLogits(nn.Module):
+    """The ResNet's forward returning ``(layer4 map, logits)``, so DDP sees the pass the CAM loss uses."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return features_and_logits(self.model, x)
+
+
+@dataclass
+class Guidance:
+    """Device-resident tumour masks of the training images and the class index of "no tumour"."""
+
+    masks: torch.Tensor | None  # uint8 (N, 1, S, S) or None
+    has_mask: torch.Tensor | None  # bool (N,)
+    notumor: int | None
+
+
+def guidance_ramp(progress: float, warmup_epochs: float) -> float:
+    """Factor on the CAM losses at ``progress`` epochs: 0 for the first half of the warm-up, then linear to 1.
+
+    A CAM loss from the first step can win before the network has features to classify with (the
+    map is shaped, the class never learned); the classifier gets a head start instead.
+    """
+    if warmup_epochs <= 0:
+        return 1.0
+    return min(1.0, max(0.0, 2.0 * progress / warmup_epochs - 1.0))
+
+
+def _guidance_losses(fmap, logits, y, fc_weight, lesion, has, erased, head, cfg, notumor, ramp) -> tuple[torch.Tensor, dict]:
+    """Cross-entropy (uniform or no-tumour target for erased images) plus the weighted CAM losses."""
+    ce = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing, reduction="none")
+    if erased is not None:
+        if cfg.erase_target == "uniform":
+            other = -F.log_softmax(logits, dim=1).mean(1)
+        else:
+            other = F.cross_entropy(logits, torch.full_like(y, notumor), label_smoothing=cfg.label_smoothing, reduction="none")
+        ce = torch.where(erased, other, ce)
+    loss = ce.mean()
+    parts = {}
+    if cfg.cam_loss_weight > 0:
+        sel = has & ~erased if erased is not None else has
+        per = attention.cam_mask_loss(fmap, fc_weight, y, lesion, cfg.cam_loss)
+        cam = (per * sel).sum() / sel.sum().clamp_min(1)
+        loss = loss + ramp * cfg.cam_loss_weight * cam
+        parts["cam"] = cam.detach()
+    if cfg.head_loss_weight > 0:
+        sel = ~has if has is not None else torch.ones_like(y, dtype=torch.bool)
+        if erased is not None:
+            sel = sel & ~erased
+        per = attention.cam_mask_loss(fmap, fc_weight, y, head, cfg.cam_loss)
+        hl = (per * sel).sum() / sel.sum().clamp_min(1)
+        loss = loss + ramp * cfg.head_loss_weight * hl
+        parts["head"] = hl.detach()
+    return loss, parts
+
+
+def train_one_epoch(model, optimizer, scheduler, images, labels, cfg, pre, epoch, rank, world, bf16, show,
+                    guidance: Guidance | None = None) -> dict:
+    """One pass over this rank's shard; ``model`` returns ``(layer4 map, logits)`` (:class:`FeaturesAndLogits`)."""
     model.train()
     n = len(images)
     g = torch.Generator(device="cpu").manual_seed(cfg.seed * 100_003 + epoch)
@@ -201,31 +332,60 @@ def train_one_epoch(model, optimizer, scheduler, images, labels, cfg, pre, epoch
     mine = perm[rank * per_rank : (rank + 1) * per_rank].to(images.device)
     aug_g = torch.Generator(device=images.device).manual_seed(cfg.seed * 1_000_003 + epoch * 101 + rank)
     aug_cfg = AugmentConfig(**cfg.augment)
+    guidance = guidance or Guidance(None, None, None)
+    inner = model.module if hasattr(model, "module") else model
+    fc_weight = inner.model.fc.weight
+    use_masks = guidance.masks is not None
+    use_head = cfg.head_loss_weight > 0
     steps = math.ceil(per_rank / cfg.batch_size)
     total_loss = torch.zeros((), device=images.device)
     correct = torch.zeros((), device=images.device)
+    part_sums: dict[str, torch.Tensor] = {}
     seen = 0
     bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not show, dynamic_ncols=True)
     for i in bar:
         idx = mine[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-        x = normalize(augment(images[idx], aug_cfg, aug_g), pre).contiguous(memory_format=torch.channels_last)
         y = labels[idx]
+        lesion = has = erased = head = None
+        if use_masks or use_head:
+            channels = []
+            if use_masks:
+                has = guidance.has_mask[idx]
+                channels.append(guidance.masks[idx])
+                if cfg.lesion_erase > 0:
+                    erased = has & (torch.rand(len(idx), generator=aug_g, device=images.device) < cfg.lesion_erase)
+            if use_head:
+                channels.append(head_region(images[idx].float().div_(255.0)))
+            masks = torch.cat([c.float().div(255.0) if c.dtype == torch.uint8 else c for c in channels], 1)
+            x01, warped = augment_pair(images[idx], masks, aug_cfg, aug_g, erase=erased)
+            lesion = warped[:, :1] if use_masks else None
+            head = warped[:, -1:] if use_head else None
+        else:
+            x01 = augment(images[idx], aug_cfg, aug_g)
+        x = normalize(x01, pre).contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            fmap, logits = model(x)
+        logits = logits.float()
+        ramp = guidance_ramp(epoch + i / steps, cfg.cam_warmup_epochs)
+        loss, parts = _guidance_losses(fmap, logits, y, fc_weight, lesion, has, erased, head, cfg, guidance.notumor, ramp)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
         total_loss += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
+        for k, v in parts.items():
+            part_sums[k] = part_sums.get(k, torch.zeros((), device=images.device)) + v * len(y)
         seen += len(y)
         if show and (i % 10 == 0 or i == steps - 1):
             bar.set_postfix(loss=f"{total_loss.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}")
-    stats = torch.stack([total_loss, correct, torch.tensor(float(seen), device=images.device)])
+    keys = sorted(part_sums)
+    stats = torch.stack([total_loss, correct, torch.tensor(float(seen), device=images.device), *(part_sums[k] for k in keys)])
     if world > 1:
         dist.all_reduce(stats)
-    return {"train_loss": (stats[0] / stats[2]).item(), "train_acc": (stats[1] / stats[2]).item()}
+    out = {"train_loss": (stats[0] / stats[2]).item(), "train_acc": (stats[1] / stats[2]).item()}
+    out.update({f"train_{k}_loss": (stats[3 + j] / stats[2]).item() for j, k in enumerate(keys)})
+    return out
 
 
 @torch.no_grad()
@@ -258,6 +418,23 @@ def evaluate(model, images, labels, pre, cfg, rank, world, bf16) -> dict:
     if world > 1:
         dist.all_reduce(stats)
     return {"val_loss": (stats[0] / stats[2]).item(), "val_acc": (stats[1] / stats[2]).item()}
+
+
+@torch.no_grad()
+def monitor_localization(model, images, labels, masks, pre, batch_size, bf16) -> dict:
+    """Approximate pointing game and heat-in-mask of the true class's CAM on masked validation images."""
+    module = model.module if hasattr(model, "module") else model
+    module.eval()
+    hits, mass = [], []
+    for i in range(0, len(images), batch_size):
+        x = normalize(images[i : i + batch_size].float().div_(255.0), pre).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=bf16):
+            fmap, _ = features_and_logits(module, x)
+        cam = attention.class_activation_map(fmap, module.fc.weight, labels[i : i + batch_size])
+        m = masks[i : i + batch_size].float().div_(255.0)
+        hits.append(attention.pointing_hits(cam, m).float().cpu())
+        mass.append(attention.heat_in_mask(cam, m).cpu())
+    return {"val_pointing": torch.cat(hits).mean().item(), "val_heat_in_mask": torch.cat(mass).mean().item()}
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -329,8 +506,38 @@ def finalize(out: Path, cfg, data, train_idx, val_idx, class_names, device, bf16
 # --------------------------------------------------------------------------- main
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Run training as configured; returns the output folder (rank 0) or ``cfg.out``."""
+@dataclass
+class TrainingData:
+    """The decoded Training split (and its tumour masks) at one image size; reusable across runs."""
+
+    root: Path
+    class_names: list[str]
+    decoded: DecodedSplit
+    fingerprint: str
+    masks: attention.TrainingMasks | None
+    image_size: int
+    seconds: float
+
+
+def load_training_data(cfg: TrainConfig, fingerprint: bool = True) -> TrainingData:
+    """Decode ``cfg.data``'s Training split at ``cfg.image_size`` and, with ``cfg.masks``, match its masks."""
+    t0 = time.time()
+    dataset = discover(cfg.data, splits=("Training",))
+    decoded = decode_samples(dataset.splits["Training"], cfg.image_size, skip_unreadable=cfg.skip_unreadable)
+    masks = attention.load_training_masks(cfg.masks, dataset.root, decoded.paths, cfg.image_size) if cfg.masks else None
+    return TrainingData(
+        root=dataset.root, class_names=dataset.class_names, decoded=decoded,
+        fingerprint=dataset.fingerprint("Training") if fingerprint else "", masks=masks,
+        image_size=cfg.image_size, seconds=time.time() - t0,
+    )
+
+
+def train(cfg: TrainConfig, data: TrainingData | None = None) -> Path:
+    """Run training as configured; returns the output folder (rank 0) or ``cfg.out``.
+
+    ``data`` (from :func:`load_training_data`) skips the decoding, for several runs on one dataset;
+    it must match ``cfg`` (image size, and masks when the run uses them).
+    """
     device = resolve_device(cfg.device)
     rank, world = setup_distributed(device)
     show = rank == 0
@@ -343,23 +550,36 @@ def train(cfg: TrainConfig) -> Path:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    t0 = time.time()
-    dataset = discover(cfg.data, splits=("Training",))
-    decoded = decode_samples(dataset.splits["Training"], cfg.image_size, skip_unreadable=cfg.skip_unreadable)
+    if data is None:
+        data = load_training_data(cfg, fingerprint=rank == 0)
+    elif data.image_size != cfg.image_size or (cfg.masks and data.masks is None):
+        raise ValueError(f"the given TrainingData ({data.image_size} px, masks {data.masks is not None}) does not match the config")
+    decoded, fingerprint = data.decoded, data.fingerprint
+    class_names = data.class_names
     train_idx, val_idx = split_train_val(decoded.labels, decoded.thumbs, cfg.val_fraction, cfg.seed)
     images = torch.from_numpy(decoded.images).unsqueeze(1).to(device)
     labels = torch.from_numpy(decoded.labels).to(device)
-    fingerprint = dataset.fingerprint("Training") if rank == 0 else ""
+    notumor = class_names.index(NO_TUMOR) if NO_TUMOR in class_names else None
+    if cfg.erase_target == "notumor" and cfg.lesion_erase > 0 and notumor is None:
+        raise ValueError(f"--erase-target notumor needs a {NO_TUMOR!r} class; the classes are {class_names}")
+    guidance = Guidance(None, None, notumor)
+    if cfg.masks:
+        has = data.masks.has_mask.copy()
+        if notumor is not None:
+            has &= decoded.labels != notumor  # a lesion mask on a no-tumour image contradicts its label
+        guidance = Guidance(torch.from_numpy(data.masks.masks).unsqueeze(1).to(device), torch.from_numpy(has).to(device), notumor)
     if show:
         print(
-            f"data: {len(train_idx)} train / {len(val_idx)} validation images of {dataset.class_names} "
-            f"({len(decoded.skipped)} skipped), decoded in {time.time() - t0:.1f}s; device {device}, "
+            f"data: {len(train_idx)} train / {len(val_idx)} validation images of {class_names} "
+            f"({len(decoded.skipped)} skipped), decoded in {data.seconds:.1f}s; device {device}, "
             f"{world} process(es), bf16 {bf16}",
             flush=True,
         )
+        if guidance.has_mask is not None:
+            print(f"masks: {int(has[train_idx].sum())} train / {int(has[val_idx].sum())} validation images have a tumour mask", flush=True)
     pre = PreprocessConfig(input_size=cfg.image_size, intensity=cfg.intensity)
 
-    model = build_model(cfg.arch, len(dataset.class_names), in_chans=1, pretrained=cfg.pretrained)
+    model = build_model(cfg.arch, len(class_names), in_chans=1, pretrained=cfg.pretrained)
     model = model.to(device).to(memory_format=torch.channels_last)
     global_batch = cfg.batch_size * world
     peak_lr = cfg.lr * global_batch / 128
@@ -386,28 +606,39 @@ def train(cfg: TrainConfig) -> Path:
         if show:
             print(f"resuming after epoch {start_epoch} (best val acc {best['val_acc']:.4f})", flush=True)
 
-    ddp_model = model
+    ddp_model = FeaturesAndLogits(model)
     if world > 1:
-        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        ddp_model = nn.parallel.DistributedDataParallel(ddp_model, device_ids=[device.index] if device.type == "cuda" else None)
 
     train_images, train_labels = images[train_idx], labels[train_idx]
     val_images, val_labels = images[val_idx], labels[val_idx]
+    train_guidance, val_masked = Guidance(None, None, notumor), None
+    if guidance.masks is not None:
+        t_idx, v_idx = torch.from_numpy(train_idx).to(device), torch.from_numpy(val_idx).to(device)
+        train_guidance = Guidance(guidance.masks[t_idx], guidance.has_mask[t_idx], notumor)
+        v_sel = v_idx[guidance.has_mask[v_idx]]
+        if len(v_sel):
+            val_masked = (images[v_sel], labels[v_sel], guidance.masks[v_sel])
+        del guidance  # the full-size copy; the train subset holds what training needs
     if show:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out / "config.json", (json.dumps(asdict(cfg), indent=2) + "\n").encode())
-    meta = weights_metadata(cfg, dataset.class_names, pre, fingerprint)
+    meta = weights_metadata(cfg, class_names, pre, fingerprint)
 
     train_time = 0.0
     for epoch in range(start_epoch, cfg.epochs):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.time()
-        stats = train_one_epoch(ddp_model, optimizer, scheduler, train_images, train_labels, cfg, pre, epoch, rank, world, bf16, show)
+        stats = train_one_epoch(ddp_model, optimizer, scheduler, train_images, train_labels, cfg, pre, epoch, rank, world, bf16, show,
+                                guidance=train_guidance)
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.time() - t
         train_time += dt
         stats.update(evaluate(model, val_images, val_labels, pre, cfg, rank, world, bf16))
+        if show and val_masked is not None:
+            stats.update(monitor_localization(model, *val_masked, pre, cfg.batch_size, bf16))
         stats.update(epoch=epoch + 1, seconds=round(dt, 2), images_per_s=round((len(train_idx) // world) * world / dt, 1),
                      lr=optimizer.param_groups[0]["lr"])
         log.append(stats)
@@ -425,7 +656,7 @@ def train(cfg: TrainConfig) -> Path:
             print(msg, flush=True)
 
     if show:
-        final = finalize(out, cfg, {"images": images, "labels": labels}, train_idx, val_idx, dataset.class_names, device, bf16)
+        final = finalize(out, cfg, {"images": images, "labels": labels}, train_idx, val_idx, class_names, device, bf16)
         summary = {"train_seconds": round(train_time, 1), "best": best, "calibration": final.get("calibration"),
                    "screening": final.get("screening"), "ood": {k: v for k, v in final.get("ood", {}).items() if not isinstance(v, list)}}
         print(json.dumps(summary, indent=1), flush=True)
@@ -438,8 +669,8 @@ def train(cfg: TrainConfig) -> Path:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = get_args_parser().parse_args(argv)
-    cfg = config_from_args(args)
     try:
+        cfg = config_from_args(args)
         check_config(cfg)
         discover(cfg.data, splits=("Training",))  # a bad layout fails here, before anything is written
     except (ValueError, DataError) as exc:
