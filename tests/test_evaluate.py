@@ -125,8 +125,6 @@ def test_batched_inference_matches_the_predictor(tiny_dataset, tiny_weights):
         np.testing.assert_allclose(p, [single[c] for c in weights.class_names], atol=1e-5)
 
 
-@pytest.mark.xfail(strict=False, reason="decode_samples stores fit_square's output rounded to uint8 but Predictor "
-                   "(preprocess.prepare) keeps floats; they differ when fit_square resizes (lead: round in prepare too)")
 def test_batched_inference_matches_the_predictor_when_resizing(tiny_dataset, tmp_path):
     from conftest import make_weights
 

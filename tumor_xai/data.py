@@ -17,7 +17,7 @@ import numpy as np
 
 from tumor_xai.decode import InvalidImageError, load_image
 from tumor_xai.duplicates import group_ids, near_duplicate_pairs, thumbnail
-from tumor_xai.preprocess import fit_square
+from tumor_xai.preprocess import fit_square, quantize
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -109,7 +109,7 @@ def discover(root: str | Path, splits: tuple[str, ...] = SPLITS) -> KaggleDatase
 def _decode_one(sample: Sample, size: int) -> tuple[np.ndarray, np.ndarray]:
     gray = load_image(sample.path).gray
     square, _ = fit_square(gray, size)
-    return np.round(square * 255.0).astype(np.uint8), thumbnail(gray)
+    return quantize(square), thumbnail(gray)
 
 
 def decode_samples(samples: list[Sample], size: int, skip_unreadable: bool = False, workers: int = 4) -> DecodedSplit:

@@ -21,6 +21,7 @@ __all__ = [
     "fit_square",
     "normalize",
     "prepare",
+    "quantize",
     "stretch_intensity",
 ]
 
@@ -106,5 +107,12 @@ def normalize(x: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
 def prepare(gray: np.ndarray, cfg: PreprocessConfig) -> tuple[torch.Tensor, Geometry]:
     """A decoded slice -> the model's input tensor ``(1, 1, S, S)`` and its geometry."""
     square, geometry = fit_square(gray, cfg.input_size)
-    x = torch.from_numpy(np.ascontiguousarray(square))[None, None]
+    # Quantise exactly as training and evaluation store their decoded images (uint8), so a file gives
+    # the same probabilities in the app as in the evaluation.
+    x = torch.from_numpy(quantize(square))[None, None].float().div_(255.0)
     return normalize(x, cfg), geometry
+
+
+def quantize(square: np.ndarray) -> np.ndarray:
+    """A [0, 1] square as the uint8 array training keeps resident (and evaluation decodes to)."""
+    return np.round(square * 255.0).astype(np.uint8)
