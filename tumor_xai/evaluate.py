@@ -46,7 +46,7 @@ from tumor_xai.decode import load_image
 from tumor_xai.duplicates import DEFAULT_THRESHOLD, near_duplicate_pairs
 from tumor_xai.metrics import classification_metrics, reliability_bins
 from tumor_xai.model import features_and_logits
-from tumor_xai.preprocess import Geometry, PreprocessConfig, fit_square, normalize
+from tumor_xai.preprocess import Geometry, PreprocessConfig, fit_square, normalize, quantize
 from tumor_xai.stress import CORRUPTIONS, corrupt
 
 __all__ = [
@@ -156,7 +156,7 @@ def predict_corrupted(
 
     def square(i: int) -> np.ndarray:
         gray = corrupt(corruption, load_image(samples[i].path).gray, seed=i)
-        return fit_square(gray, cfg.input_size)[0]
+        return quantize(fit_square(gray, cfg.input_size)[0])
 
     out = []
     with ThreadPoolExecutor(workers) as pool:
