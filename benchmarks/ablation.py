@@ -1,0 +1,215 @@
+"""Ablation of the attention and robustness recipes: train each variant for several seeds, evaluate, tabulate.
+
+    python benchmarks/ablation.py --data DIR --masks DIR --out DIR \\
+        [--variants baseline,cam,strong,cam+strong] [--seeds 0,1] [--epochs 100] [--budget-min 12]
+
+A variant is ``+``-joined components (see COMPONENTS): ``baseline`` (today's recipe), ``cam`` (CAM-in-mask
+loss), ``camkl`` (its KL form), ``head`` (CAM-in-head loss for unmasked images), ``erase`` (lesion
+erasing with a "not confident" target), ``strong`` (strong acquisition augmentation). Runs go seed by
+seed (every variant once before any twice), so a run cut short by the budget still compares them all.
+
+Training runs in this process (the Training split is decoded once and shared), so the reported
+training time is the GPU's. Each finished run is evaluated by ``python -m tumor_xai.evaluate
+--localization`` (fast Grad-CAM on layer4, the app's default heatmap) in a CPU subprocess while the
+next run trains. ``OUT/summary.md`` and ``OUT/summary.json`` are rewritten after every evaluation:
+official and duplicate-free accuracy, ECE, pointing game and heat-in-mask on the masked Testing
+slices, accuracy under each stress test, and training time, per run and per variant (mean, sd).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from tumor_xai.train import check_config, config_from_args, get_args_parser, load_training_data, train
+
+COMPONENTS: dict[str, list[str]] = {
+    "baseline": [],
+    "cam": ["--cam-loss-weight", "1.0"],
+    "camkl": ["--cam-loss-weight", "1.0", "--cam-loss", "kl"],
+    "head": ["--head-loss-weight", "0.5"],
+    "erase": ["--lesion-erase", "0.3"],
+    "strong": ["--aug", "strong"],
+}
+NEEDS_MASKS = {"cam", "camkl", "erase"}
+# The issue's bars for the shipped model.
+BAR_STRESS = ("contrast_x0.7", "contrast_x1.5", "gamma_0.7", "gamma_1.4", "downup_2x")
+HEATMAP = ("gradcam", "layer4")
+
+
+def variant_args(name: str, masks: str) -> list[str]:
+    """Training arguments of a ``+``-joined variant name; raises ``ValueError`` for an unknown component."""
+    parts = name.split("+")
+    unknown = [p for p in parts if p not in COMPONENTS]
+    if unknown:
+        raise ValueError(f"unknown variant component(s) {unknown}; choose from {sorted(COMPONENTS)}")
+    args = [a for p in parts for a in COMPONENTS[p]]
+    if NEEDS_MASKS & set(parts):
+        args += ["--masks", masks]
+    return args
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def run_summary(run: Path, variant: str, seed: int) -> dict:
+    """One row of the table from a run's log.json and its evaluation's metrics.json."""
+    log = json.loads((run / "log.json").read_text())
+    row: dict = {"variant": variant, "seed": seed, "run": str(run), "train_seconds": round(sum(e["seconds"] for e in log), 1),
+                 "epochs": len(log), "val_acc_last": log[-1].get("val_acc")}
+    metrics_path = run / "eval" / "metrics.json"
+    if not metrics_path.is_file():
+        row["error"] = f"no {metrics_path}: see {run / 'eval.log'}"
+        return row
+    m = json.loads(metrics_path.read_text())
+    row.update(official_acc=m["official"]["accuracy"], dedup_acc=m["deduplicated"]["accuracy"], ece=m["official"]["ece"])
+    for r in m.get("localization", {}).get("results", []):
+        if (r["method"], r["layer"]) == HEATMAP:
+            row.update(pointing=r["true"]["pointing"], heat_in_mask=r["true"]["mass_in_mask"])
+    if "stress" in m:
+        row["stress"] = {k: v["accuracy"] for k, v in m["stress"].items()}
+        row["stress_min_bar"] = min(row["stress"][k] for k in BAR_STRESS if k in row["stress"])
+    return row
+
+
+def _fmt(values: list[float], pct: bool = True) -> str:
+    if not values:
+        return "-"
+    scale = 100.0 if pct else 1.0
+    mean = statistics.fmean(values) * scale
+    if len(values) == 1:
+        return f"{mean:.1f}" if pct else f"{mean:.3f}"
+    sd = statistics.stdev(values) * scale
+    return f"{mean:.1f} ± {sd:.1f}" if pct else f"{mean:.3f} ± {sd:.3f}"
+
+
+COLUMNS = [("official_acc", "official acc %"), ("dedup_acc", "dup-free acc %"), ("ece", "ECE"),
+           ("pointing", "pointing %"), ("heat_in_mask", "heat in mask %"), ("stress_min_bar", "worst bar stress acc %")]
+
+
+def write_summary(out: Path, rows: list[dict], meta: dict) -> None:
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    per_variant = {}
+    for v in variants:
+        done = [r for r in rows if r["variant"] == v and "error" not in r]
+        per_variant[v] = {"runs": len(done), "train_seconds": [r["train_seconds"] for r in done]}
+        for key, _ in COLUMNS:
+            per_variant[v][key] = [r[key] for r in done if key in r]
+        stress_names = sorted({k for r in done for k in r.get("stress", {})})
+        per_variant[v]["stress"] = {k: [r["stress"][k] for r in done if k in r.get("stress", {})] for k in stress_names}
+    (out / "summary.json").write_text(json.dumps({"meta": meta, "runs": rows, "variants": per_variant}, indent=1) + "\n")
+    lines = [
+        "# Ablation: attention guidance and acquisition robustness", "",
+        f"{meta['device']}; {meta['epochs']} epochs at {meta['image_size']} px; seeds {meta['seeds']}. "
+        f"Heatmap: {HEATMAP[0]} on {HEATMAP[1]}, true class, on the masked Testing slices. Mean ± sd over seeds. "
+        f"Worst bar stress = the lowest accuracy over {', '.join(BAR_STRESS)}.", "",
+        "| variant | runs | " + " | ".join(h for _, h in COLUMNS) + " | train s |",
+        "|---" * (len(COLUMNS) + 3) + "|",
+    ]
+    for v, s in per_variant.items():
+        cells = [_fmt(s[k], pct=(k != "ece")) for k, _ in COLUMNS]
+        lines.append(f"| {v} | {s['runs']} | " + " | ".join(cells) + f" | {_fmt(s['train_seconds'], pct=False)} |")
+    stress_names = sorted({k for s in per_variant.values() for k in s["stress"]})
+    if stress_names:
+        lines += ["", "Accuracy (%) under each stress test:", "",
+                  "| variant | " + " | ".join(stress_names) + " |", "|---" * (len(stress_names) + 1) + "|"]
+        for v, s in per_variant.items():
+            lines.append(f"| {v} | " + " | ".join(_fmt(s["stress"].get(k, [])) for k in stress_names) + " |")
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        lines += ["", "Failed evaluations: " + "; ".join(f"{r['variant']} seed {r['seed']}: {r['error']}" for r in failed)]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True)
+    p.add_argument("--masks", required=True, help="brain-tumor-mri-masks folder (training guidance and localisation)")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--variants", type=_csv, default=_csv("baseline,cam,strong,cam+strong"))
+    p.add_argument("--seeds", type=lambda s: [int(x) for x in _csv(s)], default=[0, 1])
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--budget-min", type=float, default=0.0, help="stop starting runs that would end after this many minutes (0: no limit)")
+    p.add_argument("--eval-workers", type=int, default=max(1, (os.cpu_count() or 2) - 2), help="CPU threads of each evaluation")
+    p.add_argument("--no-stress", action="store_true", help="skip the stress tests in the evaluation")
+    p.add_argument("--train-arg", action="append", default=[], help="extra argument for every training run (repeatable, e.g. --train-arg=--amp=off)")
+    args = p.parse_args()
+
+    plan = [(v, s) for s in args.seeds for v in args.variants]
+    common = ["--data", args.data, "--epochs", str(args.epochs), "--image-size", str(args.image_size),
+              "--batch-size", str(args.batch_size), "--device", args.device, *args.train_arg]
+    configs = []
+    try:
+        for v, s in plan:
+            out = args.out / v / f"seed{s}"
+            cfg = config_from_args(get_args_parser().parse_args([*common, *variant_args(v, args.masks), "--out", str(out), "--seed", str(s)]))
+            check_config(cfg)
+            configs.append((v, s, cfg))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda") if (args.device != "cpu" and torch.cuda.is_available()) else torch.device("cpu")
+    meta = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU", "epochs": args.epochs,
+            "image_size": args.image_size, "batch_size": args.batch_size, "seeds": args.seeds, "variants": args.variants,
+            "command": " ".join(sys.argv)}
+    started = time.time()
+    t = time.time()
+    # Decode once, with the masks, for every run (a run without guidance ignores them).
+    data = load_training_data(replace(configs[0][2], masks=args.masks))
+    print(f"decoded the Training split in {time.time() - t:.1f}s", flush=True)
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.eval_workers)}
+    rows: list[dict] = []
+    pending: tuple[subprocess.Popen, Path, str, int, object] | None = None
+    durations: list[float] = []
+
+    def finish(job) -> None:
+        proc, run, v, s, log = job
+        proc.wait()
+        log.close()
+        rows.append(run_summary(run, v, s))
+        write_summary(args.out, rows, {**meta, "elapsed_s": round(time.time() - started, 1)})
+        print(f"evaluated {v} seed {s}: " + json.dumps({k: rows[-1].get(k) for k, _ in COLUMNS}), flush=True)
+
+    for v, s, cfg in configs:
+        elapsed = time.time() - started
+        if args.budget_min and durations and elapsed + 1.5 * statistics.fmean(durations) > args.budget_min * 60:
+            print(f"budget: skipping {v} seed {s} and later runs ({elapsed / 60:.1f} of {args.budget_min} min used)", flush=True)
+            break
+        t = time.time()
+        print(f"== training {v} seed {s}", flush=True)
+        train(cfg, data)
+        durations.append(time.time() - t)
+        if pending is not None:
+            finish(pending)
+        run = Path(cfg.out)
+        cmd = [sys.executable, "-m", "tumor_xai.evaluate", "--data", args.data, "--weights", str(run), "--out", str(run / "eval"),
+               "--localization", "--masks", args.masks, "--methods", HEATMAP[0], "--layers", HEATMAP[1],
+               "--workers", str(args.eval_workers), "--batch-size", "64"]
+        if args.no_stress:
+            cmd.append("--no-stress")
+        log = open(run / "eval.log", "w")
+        pending = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), run, v, s, log)
+    if pending is not None:
+        finish(pending)
+    print(f"wrote {args.out / 'summary.md'} after {(time.time() - started) / 60:.1f} min", flush=True)
+    print((args.out / "summary.md").read_text(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
