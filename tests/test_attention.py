@@ -267,3 +267,24 @@ def test_bad_guidance_flags_fail_before_any_work(tiny_dataset, tiny_masks, tmp_p
 def test_cli_rejects_an_unknown_augmentation_setting(tiny_dataset, tmp_path, capsys):
     assert main(["--data", str(tiny_dataset), "--out", str(tmp_path / "o"), *SMOKE, "--aug-set", "sharpness=1"]) == 2
     assert "unknown augmentation setting" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ablation_script_runs_end_to_end_on_cpu(tiny_dataset, tiny_masks, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "ablation"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "ablation.py"), "--data", str(tiny_dataset), "--masks", str(tiny_masks),
+           "--out", str(out), "--variants", "cam+strong", "--seeds", "0", "--epochs", "1", "--image-size", "64",
+           "--batch-size", "8", "--device", "cpu", "--eval-workers", "1", "--no-stress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    (row,) = summary["runs"]
+    assert row["variant"] == "cam+strong" and "error" not in row
+    assert 0 <= row["official_acc"] <= 1 and 0 <= row["pointing"] <= 1 and 0 <= row["heat_in_mask"] <= 1
+    assert json.loads((out / "cam+strong" / "seed0" / "config.json").read_text())["cam_loss_weight"] == 1.0
+    assert "| cam+strong | 1 |" in (out / "summary.md").read_text()
