@@ -59,7 +59,10 @@ class Settings:
     port: int = 7860
     share: bool = False
     weights: str | None = None  # None: the repository's weights/
-    concurrency: int = 1  # predictions run at the same time (each gets cores // concurrency threads)
+    # Predictions run at once, each with cores // concurrency torch threads. Two one-thread predictions
+    # beat one two-thread prediction on 2 cores: no barrier waits between threads, and one request's
+    # decoding and PNG encoding overlap the other's forward pass.
+    concurrency: int = 2
     queue_size: int = 64  # requests waiting beyond this are refused with "queue full"
     max_file_size: str = "20mb"
     cache_frequency: int = 300  # seconds between sweeps of uploaded and generated files
@@ -249,13 +252,36 @@ def _summary(predictor: Predictor, pred: Any) -> str:
     )
 
 
+def _details(predictor: Predictor, pred: Any) -> dict:
+    """The answer as plain data (the API's third output and the page's "details" box)."""
+    screening = (getattr(predictor.weights, "metadata", {}) or {}).get("screening") or {}
+    return {
+        "in_distribution": bool(pred.in_distribution),
+        "ood_reason": pred.ood_reason,
+        "label": pred.label if pred.in_distribution else None,
+        "probabilities": pred.probabilities,
+        "tumor_probability": pred.tumor_probability,
+        "screening_positive": pred.screening_positive,
+        "screening_threshold": screening.get("threshold"),
+        "screening_target_sensitivity": screening.get("target_sensitivity"),
+        "method": pred.method,
+        "target": pred.target,
+        "note": "Research demo, not a diagnostic device.",
+    }
+
+
+def _label(pred: Any) -> dict[str, float] | str:
+    # Out of distribution: a plain statement instead of probabilities that would look like an answer.
+    return pred.probabilities if pred.in_distribution else "Not assessed: out of distribution"
+
+
 def _outputs(predictor: Predictor, pred: Any, path: str, cache_dir: str) -> tuple:
-    """Values for (label, overlay, summary, original, source state)."""
-    original = _save_png(_gray_image(pred), cache_dir)
+    """Values for the page: (label, overlay, summary, original, details, source state)."""
     if not pred.in_distribution:
         gr.Warning(f"Not assessed: {pred.ood_reason or 'the image is outside the training data'}", title="Out of distribution")
-        return "Not assessed: out of distribution", None, _summary(predictor, pred), original, path
-    return pred.probabilities, _save_png(pred.overlay, cache_dir), _summary(predictor, pred), original, path
+    overlay = _save_png(pred.overlay, cache_dir) if pred.in_distribution else None
+    original = _save_png(_gray_image(pred), cache_dir)
+    return _label(pred), overlay, _summary(predictor, pred), original, _details(predictor, pred), path
 
 
 def _batch_rows(predictor: Predictor, files: list[Any], method: str, alpha: float, max_batch: int, cache_dir: str) -> tuple[list[list], list, list[str]]:
@@ -349,13 +375,22 @@ def build_demo(predictor: Predictor, settings: Settings | None = None) -> gr.Blo
     def analyze(slice_file: Any, method: str, target: str, alpha: float):
         path = _file_path(slice_file)
         if path is None:  # the input was cleared: leave the last result in place
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return (gr.skip(),) * 6
         return _outputs(predictor, _predict(predictor, path, method, target, alpha), path, overlay_out.GRADIO_CACHE)
 
     def rerender(path: str | None, method: str, target: str, alpha: float):
         if not path:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return (gr.skip(),) * 6
         return analyze(path, method, target, alpha)
+
+    def predict(slice_file: Any, method: str = DEFAULT_METHOD, target: str = PREDICTED, alpha: float = DEFAULT_ALPHA):
+        """The API: class probabilities (gr.Label data), the heatmap overlay and the answer as JSON."""
+        path = _file_path(slice_file)
+        if path is None:
+            raise gr.Error("Send an image or DICOM file.", title="No file", print_exception=False)
+        pred = _predict(predictor, path, method, target, alpha)
+        overlay = _save_png(pred.overlay, overlay_out.GRADIO_CACHE) if pred.in_distribution else None
+        return _label(pred), overlay, _details(predictor, pred)
 
     def run_batch(files: list[Any], method: str, alpha: float):
         rows, gallery, headers = _batch_rows(predictor, files, method, alpha, settings.max_batch, batch_csv.GRADIO_CACHE)
@@ -389,7 +424,7 @@ def build_demo(predictor: Predictor, settings: Settings | None = None) -> gr.Blo
                         height=280,
                         elem_id="image-input",
                     )
-                    file_in = gr.File(label="…or a DICOM file (or any image file)", type="filepath", height=110, elem_id="file-input")
+                    file_in = gr.File(label="…or a DICOM file (or any image file)", type="filepath", elem_id="file-input")
                     method = gr.Dropdown(methods, value=DEFAULT_METHOD, label="Explanation method", elem_id="method")
                     target = gr.Dropdown([PREDICTED, *class_names], value=PREDICTED, label="Explain class", elem_id="target")
                     alpha = gr.Slider(0.0, 1.0, value=DEFAULT_ALPHA, step=0.05, label="Heatmap opacity", elem_id="alpha")
@@ -397,8 +432,10 @@ def build_demo(predictor: Predictor, settings: Settings | None = None) -> gr.Blo
                     label_out = gr.Label(num_top_classes=len(class_names), label="Class probabilities", elem_id="label")
                     summary_out = gr.Markdown(label="Summary", elem_id="summary")
                     with gr.Row():
-                        original_out = gr.Image(label="Original (as the model read it)", format="png", interactive=False, elem_id="original")
-                        overlay_out = gr.Image(label="Heatmap overlay", format="png", interactive=False, elem_id="overlay")
+                        original_out = gr.Image(label="Original (as the model read it)", interactive=False, buttons=["download", "fullscreen"], elem_id="original")
+                        overlay_out = gr.Image(label="Heatmap overlay", interactive=False, buttons=["download", "fullscreen"], elem_id="overlay")
+                    with gr.Accordion("Details (as the API returns them)", open=False):
+                        details_out = gr.JSON(label="Details", elem_id="details")
                     gr.Markdown(DISCLAIMER)
             gr.Examples(
                 examples=_example_paths(),
@@ -407,13 +444,17 @@ def build_demo(predictor: Predictor, settings: Settings | None = None) -> gr.Blo
                 cache_examples=False,
                 examples_per_page=12,
             )
-        outputs = [label_out, overlay_out, summary_out, original_out, source]
+        outputs = [label_out, overlay_out, summary_out, original_out, details_out, source]
         controls = [method, target, alpha]
         # One listener per input: .change fires on upload, paste, example click and clear alike.
-        image_in.change(analyze, [image_in, *controls], outputs, api_visibility="private", trigger_mode="always_last", concurrency_id="model")
-        file_in.change(analyze, [file_in, *controls], outputs, api_name="predict", trigger_mode="always_last", concurrency_id="model")
+        for source_in in (image_in, file_in):
+            source_in.change(analyze, [source_in, *controls], outputs, api_visibility="private", trigger_mode="always_last", concurrency_id="model")
         for control in controls:
             control.change(rerender, [source, *controls], outputs, api_visibility="private", trigger_mode="always_last", concurrency_id="model")
+        # The API endpoint: a listener on a button nobody sees, so /predict returns only what a program
+        # needs (no summary text, no copy of the original), in a fixed order.
+        api_trigger = gr.Button(visible=False)
+        api_trigger.click(predict, [file_in, *controls], [label_out, overlay_out, details_out], api_name="predict", concurrency_id="model")
 
         with gr.Tab("Batch"):
             gr.Markdown(f"Classify up to {settings.max_batch} files at once; unreadable files are listed, not fatal.")
@@ -423,7 +464,7 @@ def build_demo(predictor: Predictor, settings: Settings | None = None) -> gr.Blo
                 batch_alpha = gr.Slider(0.0, 1.0, value=DEFAULT_ALPHA, step=0.05, label="Heatmap opacity")
             batch_go = gr.Button("Classify all", variant="primary")
             batch_table = gr.Dataframe(label="Results", interactive=False, wrap=True)
-            batch_gallery = gr.Gallery(label="Heatmap overlays", columns=4, format="png")
+            batch_gallery = gr.Gallery(label="Heatmap overlays", columns=4, buttons=["download", "fullscreen"])
             batch_csv = gr.File(label="Results as CSV", interactive=False)
             gr.Markdown(DISCLAIMER)
             batch_go.click(run_batch, [batch_in, batch_method, batch_alpha], [batch_table, batch_gallery, batch_csv], api_name="predict_batch", concurrency_id="model")
@@ -432,7 +473,7 @@ def build_demo(predictor: Predictor, settings: Settings | None = None) -> gr.Blo
             gr.Markdown(_about_markdown(predictor))
             plots = sorted(DATASET_REPORT_DIR.glob("*.png"))
             if plots:
-                gr.Gallery([(str(p), p.stem.replace("_", " ")) for p in plots], label="Dataset report", columns=2, format="png")
+                gr.Gallery([(str(p), p.stem.replace("_", " ")) for p in plots], label="Dataset report", columns=2, buttons=["download", "fullscreen"])
 
     demo.queue(default_concurrency_limit=settings.concurrency, max_size=settings.queue_size)
     return demo

@@ -171,8 +171,8 @@ def test_missing_weights_stop_start_up_with_instructions(tmp_path):
 def test_server_classifies_a_real_example_of_each_class(client, cls):
     from gradio_client import handle_file
 
-    label, overlay, summary, original = client.predict(handle_file(str(EXAMPLES / f"{cls}_1.jpg")), api_name="/predict")
-    assert label["label"] == cls, summary
+    label, overlay, details = client.predict(handle_file(str(EXAMPLES / f"{cls}_1.jpg")), api_name="/predict")
+    assert label["label"] == cls == details["label"], details
     assert {c["label"] for c in label["confidences"]} == set(CLASSES)
     assert abs(sum(c["confidence"] for c in label["confidences"]) - 1.0) < 1e-4
     with Image.open(overlay) as im:
@@ -180,16 +180,18 @@ def test_server_classifies_a_real_example_of_each_class(client, cls):
 
 
 @pytest.mark.slow
-def test_server_answers_with_probabilities_first_and_the_overlay(client):
+def test_server_answers_with_probabilities_first_then_the_overlay_and_details(client):
     from gradio_client import handle_file
 
-    label, overlay, summary, original = client.predict(
+    label, overlay, details = client.predict(
         handle_file(str(EXAMPLES / "glioma_1.jpg")), "eigencam", "meningioma", 0.7, api_name="/predict"
     )
     assert len(label["confidences"]) == len(CLASSES)
-    assert "eigencam" in summary and "meningioma" in summary and "Research demo" not in summary
-    with Image.open(overlay) as ov, Image.open(original) as orig:
-        assert ov.size == orig.size == (224, 224)
+    assert (details["method"], details["target"], details["in_distribution"]) == ("eigencam", "meningioma", True)
+    assert details["tumor_probability"] == pytest.approx(1 - details["probabilities"]["notumor"])
+    assert details["screening_positive"] == (details["tumor_probability"] >= details["screening_threshold"])
+    with Image.open(overlay) as ov:
+        assert ov.size == (224, 224) and ov.mode == "RGB"
         assert np.asarray(ov).std() > 0
 
 
@@ -214,10 +216,10 @@ def test_out_of_distribution_input_is_not_presented_as_a_normal_answer(client, t
 
     blank = tmp_path / "blank.png"
     Image.fromarray(np.full((256, 256), 128, np.uint8)).save(blank)
-    label, overlay, summary, _ = client.predict(handle_file(str(blank)), api_name="/predict")
+    label, overlay, details = client.predict(handle_file(str(blank)), api_name="/predict")
     assert label["label"].startswith("Not assessed") and not label.get("confidences")
     assert overlay is None
-    assert "Not assessed" in summary and "blank" in summary
+    assert details["in_distribution"] is False and details["label"] is None and "blank" in details["ood_reason"]
 
 
 @pytest.mark.slow

@@ -1,0 +1,107 @@
+"""The page in a real browser: headless Chromium uploads an example slice and sees the answer appear.
+
+Needs Debian's ``chromium`` and ``chromium-driver`` (``apt-get install -y chromium chromium-driver``);
+skips with that instruction when they are missing. With ``TUMOR_XAI_SCREENSHOT=1`` the final page is
+saved to ``assets/screenshot.png`` (the README's picture); otherwise to the test's tmp folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from conftest import CLASSES, EXAMPLES, REPO
+from test_app import served_weights, start_app, stop_app
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+if not (CHROMIUM and CHROMEDRIVER):
+    pytest.skip(
+        "headless Chromium is not installed: run `apt-get install -y chromium chromium-driver` to run the browser test",
+        allow_module_level=True,
+    )
+
+CHROME_FLAGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1400,1200",
+]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("browser-server") / "cache"
+    cache.mkdir()
+    proc, url = start_app(served_weights(tmp_path_factory), cache)
+    yield url
+    stop_app(proc)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROME_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def test_upload_shows_the_label_and_the_overlay(server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 60)
+    browser.get(server)
+    upload = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#image-input input[type=file]")))
+    example = EXAMPLES / "glioma_1.jpg"
+    upload.send_keys(str(example))
+
+    # The label shows one of the weights' classes; the overlay is a real, decoded image.
+    label = wait.until(lambda d: _text_with_class(d.find_element(By.ID, "label").text))
+    overlay = wait.until(lambda d: _loaded_image(d, "#overlay img"))
+    original = wait.until(lambda d: _loaded_image(d, "#original img"))
+    assert browser.execute_script("return arguments[0].naturalWidth", overlay) == 224
+    assert browser.execute_script("return arguments[0].naturalWidth", original) == 224
+    assert "Most likely class" in browser.find_element(By.ID, "summary").text
+    if (REPO / "weights" / "model.json").is_file():
+        assert label == "glioma"
+    assert "Traceback" not in browser.page_source
+    # Everything the page loaded (scripts, fonts, images) came from the app itself.
+    urls = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert urls and not [u for u in urls if not u.startswith((server, "data:", "blob:"))]
+
+    shot = REPO / "assets" / "screenshot.png" if os.environ.get("TUMOR_XAI_SCREENSHOT") == "1" else tmp_path / "screenshot.png"
+    browser.save_screenshot(str(shot))
+    assert shot.stat().st_size > 10_000
+
+
+def _text_with_class(text: str) -> str | bool:
+    """The first class name in the label's text, or False while none is shown yet."""
+    lines = [line.strip() for line in text.splitlines()]
+    return next((line for line in lines if line in CLASSES), False)
+
+
+def _loaded_image(driver, css: str):
+    for img in driver.find_elements("css selector", css):
+        if driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", img):
+            return img
+    return False
