@@ -93,6 +93,7 @@ class EvaluateConfig:
     duplicate_threshold: float = DEFAULT_THRESHOLD
     skip_unreadable: bool = False
     record: bool = False
+    device: str = "cpu"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -120,8 +121,8 @@ def _to_model_input(squares: np.ndarray, cfg: PreprocessConfig) -> torch.Tensor:
 
 def _probabilities(model: nn.Module, x: torch.Tensor, temperature: float) -> np.ndarray:
     with torch.inference_mode():
-        _, logits = features_and_logits(model, x)
-    return torch.softmax(logits.float() / temperature, dim=1).numpy()
+        _, logits = features_and_logits(model, x.to(next(model.parameters()).device))
+    return torch.softmax(logits.float().cpu() / temperature, dim=1).numpy()
 
 
 def predict_probabilities(
@@ -289,7 +290,7 @@ def localization(
     def heatmaps(rows: np.ndarray, targets: np.ndarray, method: str, layer: str, desc: str) -> list[np.ndarray]:
         maps: list[np.ndarray] = []
         for sl in tqdm(list(_batches(len(rows), batch_size)), desc=desc, leave=False):
-            x = _to_model_input(test.images[idx[rows[sl]]], cfg)
+            x = _to_model_input(test.images[idx[rows[sl]]], cfg).to(next(model.parameters()).device)
             squares = explain_batch(model, x, torch.from_numpy(targets[sl]), method=method, layer=layer)
             maps.extend(geometries[r].to_original(m) for r, m in zip(rows[sl], squares))
         return maps
@@ -476,7 +477,9 @@ def _summary(m: dict) -> dict:
 def evaluate(config: EvaluateConfig) -> dict:
     """Run the whole evaluation described by ``config``, write its files and return ``metrics.json``'s dict."""
     started = time.perf_counter()
-    weights = load_weights(config.weights)
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    weights = load_weights(config.weights, device=config.device)
     dataset = discover(config.data)
     if dataset.class_names != weights.class_names:
         raise DataError(f"{config.data} has classes {dataset.class_names} but the weights were trained on {weights.class_names}.")
@@ -616,6 +619,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive, default=4, help="image decoding threads")
     p.add_argument("--duplicate-threshold", type=float, default=DEFAULT_THRESHOLD)
     p.add_argument("--skip-unreadable", action="store_true", help="leave unreadable images out instead of stopping")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs (decoding and corruptions stay on the CPU)")
     p.add_argument("--record", action="store_true", help="store the official and duplicate-free figures in the weights' model.json")
     return p
 

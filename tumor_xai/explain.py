@@ -178,7 +178,7 @@ def explain_batch(
         with torch.inference_mode():
             fmap, _ = features_and_logits(model, x)
             cams = gradcam_from_features(fmap, model.fc.weight, targets)
-        return normalize_cams(cams.float().numpy(), x.shape[-1])
+        return normalize_cams(cams.float().cpu().numpy(), x.shape[-1])
     return _library_cams(model, x, targets, method, layer)
 
 

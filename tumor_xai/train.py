@@ -463,8 +463,12 @@ def weights_metadata(cfg: TrainConfig, class_names, pre: PreprocessConfig, finge
     return meta
 
 
-def finalize(out: Path, cfg, data, train_idx, val_idx, class_names, device, bf16) -> dict:
-    """Calibrate the best checkpoint on the validation split, fit the OOD statistics, write OUT/."""
+def finalize(out: Path, cfg, data, train_idx, val_idx, class_names, device) -> dict:
+    """Calibrate the best checkpoint on the validation split, fit the OOD statistics, write OUT/.
+
+    Runs in float32, as the app does: a threshold fitted on bf16 logits could sit on the wrong side
+    of slices near it.
+    """
     from tumor_xai import calibration, ood
 
     best = load_weights(out / "best", device=device)
@@ -473,9 +477,9 @@ def finalize(out: Path, cfg, data, train_idx, val_idx, class_names, device, bf16
     labels = data["labels"]
     meta = dict(best.metadata)
     extras: dict[str, torch.Tensor] = {}
-    train_logits, train_feats = predict_arrays(best.model, images[train_idx], pre, cfg.batch_size, bf16, features=True)
+    _, train_feats = predict_arrays(best.model, images[train_idx], pre, cfg.batch_size, False, features=True)
     if len(val_idx):
-        val_logits, val_feats = predict_arrays(best.model, images[val_idx], pre, cfg.batch_size, bf16, features=True)
+        val_logits, val_feats = predict_arrays(best.model, images[val_idx], pre, cfg.batch_size, False, features=True)
         y_val = labels[val_idx].cpu()
         temperature = calibration.fit_temperature(val_logits, y_val)
         probs = torch.softmax(val_logits / temperature, dim=1).numpy()
@@ -624,6 +628,7 @@ def train(cfg: TrainConfig, data: TrainingData | None = None) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out / "config.json", (json.dumps(asdict(cfg), indent=2) + "\n").encode())
     meta = weights_metadata(cfg, class_names, pre, fingerprint)
+    meta["training"]["device"] = device.type  # what ran, not what was asked ("auto")
 
     train_time = 0.0
     for epoch in range(start_epoch, cfg.epochs):
@@ -656,7 +661,7 @@ def train(cfg: TrainConfig, data: TrainingData | None = None) -> Path:
             print(msg, flush=True)
 
     if show:
-        final = finalize(out, cfg, {"images": images, "labels": labels}, train_idx, val_idx, class_names, device, bf16)
+        final = finalize(out, cfg, {"images": images, "labels": labels}, train_idx, val_idx, class_names, device)
         summary = {"train_seconds": round(train_time, 1), "best": best, "calibration": final.get("calibration"),
                    "screening": final.get("screening"), "ood": {k: v for k, v in final.get("ood", {}).items() if not isinstance(v, list)}}
         print(json.dumps(summary, indent=1), flush=True)
