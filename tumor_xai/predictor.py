@@ -1,17 +1,28 @@
-"""The public entry point: ``Predictor.from_pretrained().predict(image)``."""
+"""The public entry point: ``Predictor.from_pretrained().predict(image, explain=True)``.
+
+One forward pass gives the calibrated probabilities, the pooled features for the out-of-distribution
+test and, for the default explanation (Grad-CAM on the last block), the heatmap too. Other
+explanation methods run through pytorch-grad-cam on a private copy of the model, one call at a time
+(see :mod:`tumor_xai.explain`), so the hook-free path stays fully concurrent.
+"""
 
 from __future__ import annotations
 
+import copy
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
-from tumor_xai.checkpoint import LoadedWeights, load_weights
+from tumor_xai import explain as xai
+from tumor_xai.checkpoint import LoadedWeights, WeightsError, load_weights
 from tumor_xai.decode import DecodedImage, ImageSource, load_image
 from tumor_xai.model import features_and_logits
+from tumor_xai.ood import OodDetector, cheap_checks, pooled_features
 from tumor_xai.preprocess import prepare
 
 __all__ = ["NO_TUMOR_CLASS", "Prediction", "Predictor"]
@@ -39,33 +50,104 @@ class Prediction:
 
 
 class Predictor:
-    """A loaded model plus everything stored with it (classes, preprocessing, calibration)."""
+    """A loaded model plus everything stored with it (classes, preprocessing, calibration, OOD statistics).
+
+    Safe to share between threads: the default path touches no mutable state, and the library
+    explanation methods serialise on a lock around a private model copy.
+    """
 
     def __init__(self, weights: LoadedWeights):
         self.weights = weights
-        self.model = weights.model
+        self.model = weights.model.eval()
         self.class_names = weights.class_names
         self.preprocess = weights.preprocess
         meta = weights.metadata
-        self.temperature = float(meta.get("calibration", {}).get("temperature", 1.0))
-        self.threshold = meta.get("screening", {}).get("threshold")
+        self.temperature = float((meta.get("calibration") or {}).get("temperature", 1.0))
+        if not self.temperature > 0:
+            raise WeightsError(f"calibration temperature {self.temperature} in {weights.path} must be positive; retrain or refit it")
+        self.threshold = (meta.get("screening") or {}).get("threshold")
+        try:
+            self.ood = OodDetector.from_weights(weights.extras, meta)
+        except ValueError as exc:
+            raise WeightsError(f"{exc} ({weights.path})") from exc
+        if self.ood is None:
+            logger.warning("weights in %s carry no OOD statistics: only the cheap input checks run", weights.path)
+        self._cam_model: nn.Module | None = None
+        self._cam_model_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None) -> "Predictor":
         """Load the repository's ``weights/`` (default) or the weights folder at ``path``."""
         return cls(load_weights(path))
 
-    def predict(self, image: ImageSource | DecodedImage, explain: bool = False) -> Prediction:
+    def check_options(self, method: str, target: str | None = None, layer: str | None = None, colormap: str = "jet", alpha: float = 0.4) -> None:
+        """Raise ``ValueError`` listing the valid choices if an explanation option is unknown."""
+        xai.check_method(method)
+        xai.resolve_layer(self.model, layer)
+        xai.check_colormap(colormap)
+        if target is not None and target not in self.class_names:
+            raise ValueError(f"unknown target class {target!r}; choose one of {', '.join(self.class_names)}")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha (heatmap opacity) must be in [0, 1], got {alpha}")
+
+    def _library_model(self) -> nn.Module:
+        # The library's hooks go on this copy, never on self.model, which concurrent requests share.
+        with self._cam_model_lock:
+            if self._cam_model is None:
+                self._cam_model = copy.deepcopy(self.model).eval()
+            return self._cam_model
+
+    def predict(
+        self,
+        image: ImageSource | DecodedImage,
+        explain: bool = False,
+        method: str = xai.DEFAULT_METHOD,
+        target: str | None = None,
+        layer: str | None = None,
+        colormap: str = "jet",
+        alpha: float = 0.4,
+    ) -> Prediction:
+        """Classify one slice; with ``explain``, also a heatmap of ``target`` (default: the predicted class).
+
+        ``image`` is a path, bytes, PIL image, numpy array or an already decoded image; a bad file
+        raises :class:`tumor_xai.decode.InvalidImageError`, a bad option ``ValueError``.
+        """
+        if explain:
+            self.check_options(method, target, layer, colormap, alpha)
         decoded = image if isinstance(image, DecodedImage) else load_image(image)
         x, geometry = prepare(decoded.gray, self.preprocess)
+        fast = explain and xai.is_fast_path(self.model, method, layer)
         with torch.inference_mode():
             fmap, logits = features_and_logits(self.model, x)
-        probs = torch.softmax(logits.float() / self.temperature, dim=1)[0].numpy()
+            probs = torch.softmax(logits.float() / self.temperature, dim=1)[0].numpy()
+            label_idx = int(np.argmax(probs))
+            target_idx = label_idx if target is None else self.class_names.index(target)
+            if fast:
+                cam = xai.gradcam_from_features(fmap, self.model.fc.weight, torch.tensor([target_idx]))
+            distance = self.ood.distance(pooled_features(fmap))[0].item() if self.ood is not None else None
+
         probabilities = {c: float(p) for c, p in zip(self.class_names, probs)}
-        label = self.class_names[int(np.argmax(probs))]
-        pred = Prediction(probabilities=probabilities, label=label, image=decoded)
+        pred = Prediction(probabilities=probabilities, label=self.class_names[label_idx], image=decoded)
         if NO_TUMOR_CLASS in probabilities:
             pred.tumor_probability = 1.0 - probabilities[NO_TUMOR_CLASS]
             if self.threshold is not None:
                 pred.screening_positive = pred.tumor_probability >= float(self.threshold)
+        reason = cheap_checks(decoded)
+        if reason is None and distance is not None:
+            reason = self.ood.reason(distance)
+        pred.in_distribution, pred.ood_reason = reason is None, reason
+
+        if explain:
+            size = self.preprocess.input_size
+            if fast:
+                square = xai.normalize_cams(cam.float().numpy(), size)[0]
+            else:
+                square = xai.explain_batch(self._library_model(), x, torch.tensor([target_idx]), method, layer or xai.DEFAULT_LAYER)[0]
+            pred.heatmap = np.clip(geometry.to_original(square), 0.0, 1.0).astype(np.float32)
+            pred.overlay = xai.overlay(decoded.gray, pred.heatmap, colormap, alpha)
+            pred.method, pred.target = method, self.class_names[target_idx]
         return pred
+
+    def predict_batch(self, images: list[ImageSource | DecodedImage], **kwargs) -> list[Prediction]:
+        """:meth:`predict` for each image in turn (same keyword arguments)."""
+        return [self.predict(image, **kwargs) for image in images]

@@ -1,0 +1,77 @@
+"""The batch CLI: one CSV row per file, bad files recorded without stopping, overlays with --explain."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import CLASSES, synthetic_slice
+from tumor_xai import predict
+
+
+@pytest.fixture()
+def inputs(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    Image.fromarray(synthetic_slice(0, rng)).save(folder / "a.jpg")
+    Image.fromarray(synthetic_slice(2, rng, 96)).crop((0, 10, 96, 80)).save(folder / "sub" / "b.png")
+    (folder / "sub" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    (folder / "notes.txt").write_text("ignored: not an image suffix")
+    return folder
+
+
+def read_rows(out):
+    with open(out / "predictions.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_folder_with_good_and_bad_files(inputs, tiny_weights, tmp_path, capsys):
+    out = tmp_path / "out"
+    missing = tmp_path / "missing.jpg"
+    code = predict.main([str(inputs), str(missing), "--out", str(out), "--weights", str(tiny_weights), "--explain"])
+    assert code == 0
+    rows = {r["path"].split("/")[-1]: r for r in read_rows(out)}
+    assert set(rows) == {"a.jpg", "b.png", "broken.jpg", "missing.jpg"}
+    for name in ("a.jpg", "b.png"):
+        r = rows[name]
+        assert r["error"] == "" and r["label"] in CLASSES
+        assert sum(float(r[f"p_{c}"]) for c in CLASSES) == pytest.approx(1.0, abs=1e-4)
+        assert float(r["tumor_probability"]) == pytest.approx(1.0 - float(r["p_notumor"]), abs=1e-5)
+        assert r["screening_positive"] in ("true", "false") and r["in_distribution"] in ("true", "false")
+        overlay = Image.open(r["overlay"])
+        assert overlay.size == Image.open(r["path"]).size  # drawn on the file's own pixels
+    assert rows["b.png"]["overlay"] != rows["a.jpg"]["overlay"]
+    for name in ("broken.jpg", "missing.jpg"):
+        assert rows[name]["error"] and rows[name]["label"] == "" and rows[name]["overlay"] == ""
+    assert "missing.jpg" in rows["missing.jpg"]["error"]  # the message names the file
+    assert "2 file(s) classified, 2 could not be read" in capsys.readouterr().out
+
+
+def test_without_explain_writes_no_overlays(inputs, tiny_weights, tmp_path):
+    out = tmp_path / "out"
+    assert predict.main([str(inputs / "a.jpg"), "--out", str(out), "--weights", str(tiny_weights)]) == 0
+    (row,) = read_rows(out)
+    assert row["overlay"] == "" and not (out / "overlays").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--method", "nope"], "invalid choice: 'nope'"),
+        (["--layer", "layer7"], "unknown target layer 'layer7'"),
+    ],
+)
+def test_bad_arguments_exit_2(inputs, tiny_weights, tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exc:
+        predict.main([str(inputs), "--out", str(tmp_path / "o"), "--weights", str(tiny_weights), *extra])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unusable_weights_exit_2_with_the_fix(inputs, tmp_path, capsys):
+    assert predict.main([str(inputs), "--out", str(tmp_path / "o"), "--weights", str(tmp_path / "nowhere")]) == 2
+    assert "python -m tumor_xai.train" in capsys.readouterr().err
