@@ -511,7 +511,7 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     main()
 else:
-    # `import app` (a Space, `gradio app.py`, the tests) gets the interface built once, not launched.
+    # `import app` (`gradio app.py`, the tests, another program) gets the interface built once, not
+    # launched. Torch's thread count is left to the importer: it is process-wide.
     _settings = Settings.from_env()
-    configure_torch(_settings)
     demo = build_demo(load_predictor(_settings), _settings)

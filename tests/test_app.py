@@ -211,6 +211,24 @@ def test_bad_file_gets_a_clean_error_and_the_server_keeps_serving(client, tmp_pa
 
 
 @pytest.mark.slow
+def test_a_dicom_file_is_answered_like_an_image(client, tmp_path):
+    from gradio_client import handle_file
+    from pydicom.data import get_testdata_file
+
+    bundled = get_testdata_file("MR_small.dcm", download=False)  # ships with pydicom; never downloads
+    if bundled is None:
+        pytest.skip("MR_small.dcm is not bundled with this pydicom version")
+    dcm = tmp_path / "slice.dcm"
+    shutil.copy(bundled, dcm)
+    label, overlay, details = client.predict(handle_file(str(dcm)), api_name="/predict")
+    assert set(details["probabilities"]) == set(CLASSES)
+    assert abs(sum(details["probabilities"].values()) - 1.0) < 1e-4
+    if details["in_distribution"]:
+        with Image.open(overlay) as ov:
+            assert ov.size == (64, 64)  # the overlay has the DICOM slice's own size
+
+
+@pytest.mark.slow
 def test_out_of_distribution_input_is_not_presented_as_a_normal_answer(client, tmp_path):
     from gradio_client import handle_file
 
