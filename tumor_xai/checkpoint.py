@@ -81,6 +81,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; outputs are ordinary readable files
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -123,6 +124,7 @@ def save_weights(
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"format": "pt", "tumor_xai_format": str(FORMAT_VERSION)})
+        os.chmod(tmp, 0o644)
         digest = _sha256(Path(tmp))
         os.replace(tmp, weights_path)
     except BaseException:
