@@ -11,7 +11,6 @@ over the bare forward p50 (bar <= 2.0, target 1.0-1.3).
 from __future__ import annotations
 
 import argparse
-import io
 import statistics
 import sys
 import tempfile
@@ -33,17 +32,6 @@ REPO = Path(__file__).resolve().parent.parent
 def percentiles(times: list[float]) -> tuple[float, float]:
     ms = sorted(t * 1000 for t in times)
     return statistics.median(ms), ms[min(len(ms) - 1, int(round(0.95 * (len(ms) - 1))))]
-
-
-def timed(fn, repeats: int, warmup: int = 3) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def sample_slice() -> np.ndarray:
@@ -95,14 +83,23 @@ def main(argv: list[str] | None = None) -> int:
             with torch.inference_mode():
                 predictor.model(x)
 
-        rows = [("bare forward (prepared tensor)", percentiles(timed(bare, args.repeats)))]
+        cases = {"bare forward (prepared tensor)": bare}
         for name, src in inputs.items():
-            rows.append((f"{name}: predict(explain=False)", percentiles(timed(lambda: predictor.predict(src), args.repeats))))
+            cases[f"{name}: predict(explain=False)"] = lambda src=src: predictor.predict(src)
             for m in methods:
-                reps = args.repeats if m == DEFAULT_METHOD else max(5, args.repeats // 3)
-                rows.append((f"{name}: predict(explain=True, {m})", percentiles(timed(lambda: predictor.predict(src, explain=True, method=m), reps, warmup=1))))
-        decode_only = percentiles(timed(lambda: load_image(io.BytesIO(jpeg_bytes).getvalue()), args.repeats))
-        rows.append(("512x512 JPEG: decode only", decode_only))
+                cases[f"{name}: predict(explain=True, {m})"] = lambda src=src, m=m: predictor.predict(src, explain=True, method=m)
+        cases["512x512 JPEG: decode only"] = lambda: load_image(jpeg_bytes)
+        # Round-robin: every case runs once per round, so a busy machine slows all of them alike
+        # and the ratios stay comparable.
+        times: dict[str, list[float]] = {k: [] for k in cases}
+        for fn in cases.values():
+            fn()  # warm-up
+        for _ in range(args.repeats):
+            for name, fn in cases.items():
+                t = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t)
+        rows = [(name, percentiles(ts)) for name, ts in times.items()]
 
     width = max(len(r[0]) for r in rows)
     print(f"{'':{width}}  {'p50 ms':>8}  {'p95 ms':>8}")
