@@ -30,8 +30,11 @@ def test_round_trip_gives_identical_outputs(tmp_path):
 def test_half_storage_is_upcast_and_close(tmp_path):
     torch.manual_seed(0)
     model = build_model("resnet18", 4).eval()
-    save_weights(model, tmp_path, {"arch": "resnet18", "class_names": list("abcd"), "preprocessing": {}}, half=True)
+    precision = torch.full((3, 3), 1e6)  # beyond float16's range
+    save_weights(model, tmp_path, {"arch": "resnet18", "class_names": list("abcd"), "preprocessing": {}},
+                 extras={"ood.precision": precision}, half=True)
     loaded = load_weights(tmp_path)
+    assert torch.equal(loaded.extras["ood.precision"], precision), "extras must stay float32"
     assert json.loads((tmp_path / METADATA_FILE).read_text())["storage_dtype"] == "float16"
     assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
     x = torch.randn(1, 1, 64, 64)

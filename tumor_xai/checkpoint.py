@@ -115,10 +115,11 @@ def save_weights(
     out.mkdir(parents=True, exist_ok=True)
     module = model.module if hasattr(model, "module") else model  # unwrap DDP
     tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    for k, v in (extras or {}).items():
-        tensors[EXTRA_PREFIX + k] = v.detach().cpu().contiguous()
     if half:
         tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+    # Extras (e.g. the OOD precision matrix) stay float32: they are small and float16 would overflow.
+    for k, v in (extras or {}).items():
+        tensors[EXTRA_PREFIX + k] = v.detach().cpu().float().contiguous() if v.is_floating_point() else v.detach().cpu()
     weights_path = out / WEIGHTS_FILE
     fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{WEIGHTS_FILE}.", suffix=".tmp")
     os.close(fd)
