@@ -27,8 +27,6 @@ import cv2
 import numpy as np
 import torch
 from PIL import Image
-from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM, XGradCAM
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from tumor_xai.model import features_and_logits
@@ -50,14 +48,16 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# Method name -> pytorch-grad-cam class name. The library is imported on first use: it pulls in
+# scikit-learn and more, seconds of start-up that the default (hook-free) Grad-CAM never needs.
 METHODS = {
-    "gradcam": GradCAM,
-    "gradcam++": GradCAMPlusPlus,
-    "xgradcam": XGradCAM,
-    "layercam": LayerCAM,
-    "hirescam": HiResCAM,
-    "eigencam": EigenCAM,
-    "scorecam": ScoreCAM,
+    "gradcam": "GradCAM",
+    "gradcam++": "GradCAMPlusPlus",
+    "xgradcam": "XGradCAM",
+    "layercam": "LayerCAM",
+    "hirescam": "HiResCAM",
+    "eigencam": "EigenCAM",
+    "scorecam": "ScoreCAM",
 }
 DEFAULT_METHOD = "gradcam"
 DEFAULT_LAYER = "layer4"
@@ -143,10 +143,13 @@ def normalize_cams(cams: np.ndarray, size: int) -> np.ndarray:
 def _library_cams(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, method: str, layer: str | None) -> np.ndarray:
     # Gradients are needed (except for EigenCAM/ScoreCAM), and an inference-mode tensor cannot enter
     # autograd: clone it into an ordinary tensor first.
+    import pytorch_grad_cam
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
     x = x.detach().clone()
     target_module = resolve_layer(model, layer)
     with _HOOK_LOCK, torch.enable_grad():
-        cam = METHODS[method](model=model, target_layers=[target_module])
+        cam = getattr(pytorch_grad_cam, METHODS[method])(model=model, target_layers=[target_module])
         try:
             if method == "scorecam":
                 cam.batch_size = SCORECAM_BATCH
