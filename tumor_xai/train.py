@@ -388,16 +388,22 @@ def train_one_epoch(model, optimizer, scheduler, images, labels, cfg, pre, epoch
     return out
 
 
-@torch.no_grad()
-def predict_arrays(model, images, pre, batch_size, bf16, features=False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logits (float32, CPU) and optionally pooled last-block features for uint8 squares, no augmentation."""
+def _forward_batches(model, images, pre, batch_size, bf16):
+    """Eval-mode forward passes over uint8 squares, no augmentation: yields (slice, layer4 map, logits)."""
     module = model.module if hasattr(model, "module") else model
     module.eval()
-    all_logits, all_feats = [], []
     for i in range(0, len(images), batch_size):
         x = normalize(images[i : i + batch_size].float().div_(255.0), pre).contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=bf16):
             fmap, logits = features_and_logits(module, x)
+        yield slice(i, i + batch_size), fmap, logits
+
+
+@torch.no_grad()
+def predict_arrays(model, images, pre, batch_size, bf16, features=False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits (float32, CPU) and optionally pooled last-block features for uint8 squares, no augmentation."""
+    all_logits, all_feats = [], []
+    for _, fmap, logits in _forward_batches(model, images, pre, batch_size, bf16):
         all_logits.append(logits.float().cpu())
         if features:
             all_feats.append(fmap.float().mean(dim=(2, 3)).cpu())
@@ -424,14 +430,10 @@ def evaluate(model, images, labels, pre, cfg, rank, world, bf16) -> dict:
 def monitor_localization(model, images, labels, masks, pre, batch_size, bf16) -> dict:
     """Approximate pointing game and heat-in-mask of the true class's CAM on masked validation images."""
     module = model.module if hasattr(model, "module") else model
-    module.eval()
     hits, mass = [], []
-    for i in range(0, len(images), batch_size):
-        x = normalize(images[i : i + batch_size].float().div_(255.0), pre).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=bf16):
-            fmap, _ = features_and_logits(module, x)
-        cam = attention.class_activation_map(fmap, module.fc.weight, labels[i : i + batch_size])
-        m = masks[i : i + batch_size].float().div_(255.0)
+    for sl, fmap, _ in _forward_batches(model, images, pre, batch_size, bf16):
+        cam = attention.class_activation_map(fmap, module.fc.weight, labels[sl])
+        m = masks[sl].float().div_(255.0)
         hits.append(attention.pointing_hits(cam, m).float().cpu())
         mass.append(attention.heat_in_mask(cam, m).cpu())
     return {"val_pointing": torch.cat(hits).mean().item(), "val_heat_in_mask": torch.cat(mass).mean().item()}
