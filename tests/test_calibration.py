@@ -53,7 +53,7 @@ def test_threshold_keeps_exactly_the_target_sensitivity():
     neg = rng.uniform(0, 1, 300)
     prob = np.concatenate([pos, neg])
     is_tumor = np.concatenate([np.ones(200, bool), np.zeros(300, bool)])
-    t = choose_threshold(prob, is_tumor, 0.995)
+    t = choose_threshold(prob, is_tumor, 0.995, ceiling=1.0)
     # ceil(0.995 * 200) = 199 tumour slices must be flagged: the threshold is the 199th highest score.
     assert t == pytest.approx(np.sort(pos)[::-1][198])
     assert np.sum(pos >= t) == 199
@@ -65,8 +65,20 @@ def test_threshold_small_hand_made_case():
     prob = np.array([0.9, 0.8, 0.3, 0.7, 0.2, 0.1])
     is_tumor = np.array([1, 1, 1, 0, 0, 0])
     assert choose_threshold(prob, is_tumor, 1.0) == pytest.approx(0.3)
-    assert choose_threshold(prob, is_tumor, 0.6) == pytest.approx(0.8)  # ceil(1.8) = 2 of 3
-    assert choose_threshold(prob, is_tumor, 0.5) == pytest.approx(0.8)
+    assert choose_threshold(prob, is_tumor, 0.6, ceiling=1.0) == pytest.approx(0.8)  # ceil(1.8) = 2 of 3
+    assert choose_threshold(prob, is_tumor, 0.5, ceiling=1.0) == pytest.approx(0.8)
+
+
+def test_threshold_never_exceeds_the_ceiling_so_the_flag_covers_the_label():
+    prob = np.array([0.99, 0.98, 0.97, 0.2, 0.1])
+    is_tumor = np.array([1, 1, 1, 0, 0])
+    assert choose_threshold(prob, is_tumor, 0.6) == pytest.approx(0.5)  # 0.98 by the rule, capped
+    assert choose_threshold(prob, is_tumor, 0.6, ceiling=0.9) == pytest.approx(0.9)
+    # any probability vector whose argmax is a tumour class has P(tumour) = 1 - P(notumor) > 0.5
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(4), 2000)
+    tumour_label = p.argmax(1) != 2
+    assert np.all(1 - p[tumour_label, 2] > 0.5)
 
 
 def test_threshold_ties_flag_every_tied_slice():

@@ -64,8 +64,16 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return temperature
 
 
-def choose_threshold(tumor_prob: np.ndarray, is_tumor: np.ndarray, sensitivity: float = 0.995) -> float:
-    """The highest threshold on ``P(tumour) = 1 - P(notumor)`` that keeps ``sensitivity`` on this set.
+def choose_threshold(
+    tumor_prob: np.ndarray, is_tumor: np.ndarray, sensitivity: float = 0.995, ceiling: float = 0.5
+) -> float:
+    """The highest threshold on ``P(tumour) = 1 - P(notumor)`` that keeps ``sensitivity`` on this set,
+    but never above ``ceiling``.
+
+    The ceiling (default 0.5) keeps the screening flag at least as sensitive as the predicted label:
+    whenever a tumour class is the argmax, ``P(notumor) < 0.5`` and so ``P(tumour) > 0.5``. Without
+    it, a strong model on a few hundred validation slices gets a threshold set by its two or three
+    least confident tumour slices (0.96 here once), which flags *fewer* test tumours than the label.
 
     A slice is flagged when ``tumor_prob >= threshold``. With ``n`` tumour slices, at least
     ``k = ceil(sensitivity * n)`` must be flagged, so the threshold is the k-th highest tumour-slice
@@ -86,7 +94,7 @@ def choose_threshold(tumor_prob: np.ndarray, is_tumor: np.ndarray, sensitivity: 
         raise ValueError("cannot choose a threshold without any tumour slices")
     # The small slack keeps 0.995 * 200 = 199.00000000000003 from demanding 200 slices.
     k = max(1, math.ceil(sensitivity * scores.size - 1e-9))
-    threshold = float(scores[k - 1])
+    threshold = min(float(scores[k - 1]), ceiling)
     logger.info(
         "threshold %.6f flags %d/%d tumour slices (target sensitivity %.3f)",
         threshold, int(np.sum(scores >= threshold)), scores.size, sensitivity,
