@@ -413,67 +413,68 @@ def build_demo(predictor: Predictor, settings: Settings | None = None) -> gr.Blo
             f"class ({', '.join(class_names)}) and a heatmap of where it looked.\n\n> {DISCLAIMER}"
         )
         source = gr.State(None)  # the server path of the slice on screen, so controls re-render it
-        with gr.Tab("Classify one slice"):
-            with gr.Row():
-                with gr.Column(scale=1):
-                    image_in = gr.Image(
-                        label="MRI slice: drop, click or paste an image",
-                        type="filepath",
-                        image_mode=None,  # hand the file over untouched (16-bit PNGs stay 16-bit)
-                        sources=["upload", "clipboard"],
-                        height=280,
-                        elem_id="image-input",
-                    )
-                    file_in = gr.File(label="…or a DICOM file (or any image file)", type="filepath", elem_id="file-input")
-                    method = gr.Dropdown(methods, value=DEFAULT_METHOD, label="Explanation method", elem_id="method")
-                    target = gr.Dropdown([PREDICTED, *class_names], value=PREDICTED, label="Explain class", elem_id="target")
-                    alpha = gr.Slider(0.0, 1.0, value=DEFAULT_ALPHA, step=0.05, label="Heatmap opacity", elem_id="alpha")
-                with gr.Column(scale=2):
-                    label_out = gr.Label(num_top_classes=len(class_names), label="Class probabilities", elem_id="label")
-                    summary_out = gr.Markdown(label="Summary", elem_id="summary")
-                    with gr.Row():
-                        original_out = gr.Image(label="Original (as the model read it)", interactive=False, buttons=["download", "fullscreen"], elem_id="original")
-                        overlay_out = gr.Image(label="Heatmap overlay", interactive=False, buttons=["download", "fullscreen"], elem_id="overlay")
-                    with gr.Accordion("Details (as the API returns them)", open=False):
-                        details_out = gr.JSON(label="Details", elem_id="details")
-                    gr.Markdown(DISCLAIMER)
-            gr.Examples(
-                examples=_example_paths(),
-                inputs=image_in,
-                label="Examples: real test slices (not near-duplicates of any training image), click one",
-                cache_examples=False,
-                examples_per_page=12,
-            )
-        outputs = [label_out, overlay_out, summary_out, original_out, details_out, source]
-        controls = [method, target, alpha]
-        # One listener per input: .change fires on upload, paste, example click and clear alike.
-        for source_in in (image_in, file_in):
-            source_in.change(analyze, [source_in, *controls], outputs, api_visibility="private", trigger_mode="always_last", concurrency_id="model")
-        for control in controls:
-            control.change(rerender, [source, *controls], outputs, api_visibility="private", trigger_mode="always_last", concurrency_id="model")
-        # The API endpoint: a listener on a button nobody sees, so /predict returns only what a program
-        # needs (no summary text, no copy of the original), in a fixed order.
-        api_trigger = gr.Button(visible=False)
-        api_trigger.click(predict, [file_in, *controls], [label_out, overlay_out, details_out], api_name="predict", concurrency_id="model")
+        with gr.Tabs():
+            with gr.Tab("Classify one slice"):
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        image_in = gr.Image(
+                            label="MRI slice: drop, click or paste an image",
+                            type="filepath",
+                            image_mode=None,  # hand the file over untouched (16-bit PNGs stay 16-bit)
+                            sources=["upload", "clipboard"],
+                            height=280,
+                            elem_id="image-input",
+                        )
+                        file_in = gr.File(label="…or a DICOM file (or any image file)", type="filepath", elem_id="file-input")
+                        method = gr.Dropdown(methods, value=DEFAULT_METHOD, label="Explanation method", elem_id="method")
+                        target = gr.Dropdown([PREDICTED, *class_names], value=PREDICTED, label="Explain class", elem_id="target")
+                        alpha = gr.Slider(0.0, 1.0, value=DEFAULT_ALPHA, step=0.05, label="Heatmap opacity", elem_id="alpha")
+                    with gr.Column(scale=2):
+                        label_out = gr.Label(num_top_classes=len(class_names), label="Class probabilities", elem_id="label")
+                        summary_out = gr.Markdown(label="Summary", elem_id="summary")
+                        with gr.Row():
+                            original_out = gr.Image(label="Original (as the model read it)", interactive=False, buttons=["download", "fullscreen"], elem_id="original")
+                            overlay_out = gr.Image(label="Heatmap overlay", interactive=False, buttons=["download", "fullscreen"], elem_id="overlay")
+                        with gr.Accordion("Details (as the API returns them)", open=False):
+                            details_out = gr.JSON(label="Details", elem_id="details")
+                        gr.Markdown(DISCLAIMER)
+                gr.Examples(
+                    examples=_example_paths(),
+                    inputs=image_in,
+                    label="Examples: real test slices (not near-duplicates of any training image), click one",
+                    cache_examples=False,
+                    examples_per_page=12,
+                )
+            outputs = [label_out, overlay_out, summary_out, original_out, details_out, source]
+            controls = [method, target, alpha]
+            # One listener per input: .change fires on upload, paste, example click and clear alike.
+            for source_in in (image_in, file_in):
+                source_in.change(analyze, [source_in, *controls], outputs, api_visibility="private", trigger_mode="always_last", concurrency_id="model")
+            for control in controls:
+                control.change(rerender, [source, *controls], outputs, api_visibility="private", trigger_mode="always_last", concurrency_id="model")
+            # The API endpoint: a listener on a button nobody sees, so /predict returns only what a program
+            # needs (no summary text, no copy of the original), in a fixed order.
+                api_trigger = gr.Button(visible=False)  # inside the tab: a block between tabs splits the tab bar
+            api_trigger.click(predict, [file_in, *controls], [label_out, overlay_out, details_out], api_name="predict", concurrency_id="model")
 
-        with gr.Tab("Batch"):
-            gr.Markdown(f"Classify up to {settings.max_batch} files at once; unreadable files are listed, not fatal.")
-            batch_in = gr.File(file_count="multiple", type="filepath", label="Image or DICOM files", elem_id="batch-input")
-            with gr.Row():
-                batch_method = gr.Dropdown(methods, value=DEFAULT_METHOD, label="Explanation method")
-                batch_alpha = gr.Slider(0.0, 1.0, value=DEFAULT_ALPHA, step=0.05, label="Heatmap opacity")
-            batch_go = gr.Button("Classify all", variant="primary")
-            batch_table = gr.Dataframe(label="Results", interactive=False, wrap=True)
-            batch_gallery = gr.Gallery(label="Heatmap overlays", columns=4, buttons=["download", "fullscreen"])
-            batch_csv = gr.File(label="Results as CSV", interactive=False)
-            gr.Markdown(DISCLAIMER)
-            batch_go.click(run_batch, [batch_in, batch_method, batch_alpha], [batch_table, batch_gallery, batch_csv], api_name="predict_batch", concurrency_id="model")
+            with gr.Tab("Batch"):
+                gr.Markdown(f"Classify up to {settings.max_batch} files at once; unreadable files are listed, not fatal.")
+                batch_in = gr.File(file_count="multiple", type="filepath", label="Image or DICOM files", elem_id="batch-input")
+                with gr.Row():
+                    batch_method = gr.Dropdown(methods, value=DEFAULT_METHOD, label="Explanation method")
+                    batch_alpha = gr.Slider(0.0, 1.0, value=DEFAULT_ALPHA, step=0.05, label="Heatmap opacity")
+                batch_go = gr.Button("Classify all", variant="primary")
+                batch_table = gr.Dataframe(label="Results", interactive=False, wrap=True)
+                batch_gallery = gr.Gallery(label="Heatmap overlays", columns=4, buttons=["download", "fullscreen"])
+                batch_csv = gr.File(label="Results as CSV", interactive=False)
+                gr.Markdown(DISCLAIMER)
+                batch_go.click(run_batch, [batch_in, batch_method, batch_alpha], [batch_table, batch_gallery, batch_csv], api_name="predict_batch", concurrency_id="model")
 
-        with gr.Tab("About the model and data"):
-            gr.Markdown(_about_markdown(predictor))
-            plots = sorted(DATASET_REPORT_DIR.glob("*.png"))
-            if plots:
-                gr.Gallery([(str(p), p.stem.replace("_", " ")) for p in plots], label="Dataset report", columns=2, buttons=["download", "fullscreen"])
+            with gr.Tab("About the model and data"):
+                gr.Markdown(_about_markdown(predictor))
+                plots = sorted(DATASET_REPORT_DIR.glob("*.png"))
+                if plots:
+                    gr.Gallery([(str(p), p.stem.replace("_", " ")) for p in plots], label="Dataset report", columns=2, buttons=["download", "fullscreen"])
 
     demo.queue(default_concurrency_limit=settings.concurrency, max_size=settings.queue_size)
     return demo
