@@ -85,6 +85,10 @@ def test_upload_shows_the_label_and_the_overlay(server, browser, tmp_path):
     if (REPO / "weights" / "model.json").is_file():
         assert label == "glioma"
     assert "Traceback" not in browser.page_source
+    # All three tabs sit in one tab bar (a stray block between tabs once split it and hid two).
+    bars = [[t.text.strip() for t in bar.find_elements(By.CSS_SELECTOR, "[role=tab]")]
+            for bar in browser.find_elements(By.CSS_SELECTOR, "[role=tablist]")]
+    assert bars == [["Classify one slice", "Batch", "About the model and data"]], bars
     # Everything the page loaded (scripts, fonts, images) came from the app itself.
     urls = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     assert urls and not [u for u in urls if not u.startswith((server, "data:", "blob:"))]
