@@ -110,17 +110,10 @@ def features_of(predictor: Predictor, decoded: DecodedImage) -> torch.Tensor:
 
 
 def refit(predictor: Predictor, data: Path) -> dict[str, ood.OodDetector]:
-    from tumor_xai.data import decode_samples, split_train_val
-
-    ds = discover(data, splits=("Training",))
-    training = predictor.weights.metadata.get("training") or {}
-    split = decode_samples(ds.splits["Training"], predictor.preprocess.input_size, skip_unreadable=True)
-    tr, va = split_train_val(split.labels, split.thumbs, float(training.get("val_fraction", 0.1)), int(training.get("seed", 0)))
-    feats = ood.extract_features(predictor.model, split.images, predictor.preprocess)
-    labels = torch.from_numpy(split.labels)
+    c = ood.carve_out_features(predictor.weights, data)
     out = {}
     for cov in ood.COVARIANCES:
-        extras, meta = ood.fit(feats[tr], labels[tr], feats[va], covariance=cov)
+        extras, meta = ood.fit(c.features[c.train_idx], c.labels[c.train_idx], c.features[c.val_idx], covariance=cov)
         out[f"refit {cov}"] = ood.OodDetector.from_weights(extras, {"ood": meta})
     return out
 

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.covariance import ledoit_wolf_shrinkage
 from torch import nn
 
 from tumor_xai.decode import DecodedImage
@@ -124,6 +123,8 @@ def fit(
     else:
         means = x.mean(dim=0, keepdim=True)
         centred = x - means
+    from sklearn.covariance import ledoit_wolf_shrinkage  # fitting only; keeps scikit-learn out of app start-up
+
     shrinkage = float(ledoit_wolf_shrinkage(centred.numpy(), assume_centered=True))
     cov = centred.T @ centred / len(centred)
     target = torch.trace(cov) / cov.shape[0]
@@ -188,31 +189,51 @@ class OodDetector:
         )
 
 
+@dataclass
+class CarveOut:
+    """Pooled features of a Training split and the train / validation indices the weights were fitted with."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    fraction: float
+    seed: int
+    from_weights: bool  # whether fraction and seed came from the weights' training config
+
+
+def carve_out_features(weights, data: Path, batch_size: int = 64) -> CarveOut:
+    """Decode ``data``'s Training split and split it as the weights' training did (else a seeded 10 %)."""
+    from tumor_xai.data import decode_samples, discover, split_train_val
+
+    dataset = discover(data, splits=("Training",))
+    training = weights.metadata.get("training") or {}
+    fraction = float(training.get("val_fraction", 0.1))
+    seed = int(training.get("seed", 0))
+    split = decode_samples(dataset.splits["Training"], weights.preprocess.input_size, skip_unreadable=True)
+    train_idx, val_idx = split_train_val(split.labels, split.thumbs, fraction, seed)
+    feats = extract_features(weights.model, split.images, weights.preprocess, batch_size)
+    return CarveOut(feats, torch.from_numpy(split.labels), train_idx, val_idx, fraction, seed, "val_fraction" in training)
+
+
 def _refit(args: argparse.Namespace) -> int:
     # Imported here: only the CLI needs the dataset and checkpoint machinery.
     from tumor_xai.checkpoint import load_weights, save_weights
-    from tumor_xai.data import decode_samples, discover, split_train_val
+    from tumor_xai.data import discover
 
     weights = load_weights(args.weights)
     dataset = discover(args.data, splits=("Training",))
     if dataset.class_names != weights.class_names:
         print(f"error: the dataset's classes {dataset.class_names} differ from the weights' {weights.class_names}", file=sys.stderr)
         return 2
-    cfg = weights.preprocess
-    training = weights.metadata.get("training") or {}
-    fraction = float(training.get("val_fraction", 0.1))
-    seed = int(training.get("seed", 0))
-    source = "the weights' training config" if "val_fraction" in training else "the default"
-    print(f"decoding {len(dataset.splits['Training'])} training images at {cfg.input_size} px ...")
-    split = decode_samples(dataset.splits["Training"], cfg.input_size, skip_unreadable=True)
-    train_idx, val_idx = split_train_val(split.labels, split.thumbs, fraction, seed)
-    if len(val_idx) == 0:
+    print(f"decoding {len(dataset.splits['Training'])} training images at {weights.preprocess.input_size} px ...")
+    c = carve_out_features(weights, args.data, args.batch_size)
+    if len(c.val_idx) == 0:
         print("error: the validation carve-out is empty; pass a fraction above 0", file=sys.stderr)
         return 2
-    print(f"validation carve-out: {len(val_idx)} images ({fraction:.0%}, seed {seed}, from {source})")
-    feats = extract_features(weights.model, split.images, cfg, args.batch_size)
-    labels = torch.from_numpy(split.labels)
-    extras, meta = fit(feats[train_idx], labels[train_idx], feats[val_idx], args.covariance, args.percentile)
+    source = "the weights' training config" if c.from_weights else "the default"
+    print(f"validation carve-out: {len(c.val_idx)} images ({c.fraction:.0%}, seed {c.seed}, from {source})")
+    extras, meta = fit(c.features[c.train_idx], c.labels[c.train_idx], c.features[c.val_idx], args.covariance, args.percentile)
     kept = {k: v for k, v in weights.extras.items() if not k.startswith("ood.")}
     metadata = {k: v for k, v in weights.metadata.items() if k not in ("format_version", "num_classes", "weights_sha256", "storage_dtype")}
     metadata["ood"] = meta
