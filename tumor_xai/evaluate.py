@@ -46,7 +46,7 @@ from tumor_xai.decode import load_image
 from tumor_xai.duplicates import DEFAULT_THRESHOLD, near_duplicate_pairs
 from tumor_xai.metrics import classification_metrics, reliability_bins
 from tumor_xai.model import features_and_logits
-from tumor_xai.preprocess import Geometry, PreprocessConfig, fit_square, normalize, quantize
+from tumor_xai.preprocess import Geometry, PreprocessConfig, fit_square, normalize_quantized, quantize
 from tumor_xai.stress import CORRUPTIONS, corrupt
 
 __all__ = [
@@ -113,10 +113,8 @@ def _batches(n: int, batch_size: int) -> Iterator[slice]:
 
 
 def _to_model_input(squares: np.ndarray, cfg: PreprocessConfig) -> torch.Tensor:
-    """fit_square outputs ``(N, S, S)`` (uint8 x 255 or float in [0, 1]) -> normalised ``(N, 1, S, S)``."""
-    x = torch.from_numpy(np.ascontiguousarray(squares))
-    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-    return normalize(x[:, None], cfg)
+    """Quantised fit_square outputs ``(N, S, S)`` uint8 -> the model's input ``(N, 1, S, S)``."""
+    return normalize_quantized(torch.from_numpy(np.ascontiguousarray(squares))[:, None], cfg)
 
 
 def _probabilities(model: nn.Module, x: torch.Tensor, temperature: float) -> np.ndarray:

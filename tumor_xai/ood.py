@@ -26,7 +26,7 @@ from torch import nn
 
 from tumor_xai.decode import DecodedImage
 from tumor_xai.model import features_and_logits
-from tumor_xai.preprocess import PreprocessConfig, normalize
+from tumor_xai.preprocess import PreprocessConfig, normalize_quantized
 
 __all__ = [
     "MAX_ASPECT_RATIO",
@@ -83,8 +83,8 @@ def extract_features(model: nn.Module, images: np.ndarray, cfg: PreprocessConfig
     model.eval()
     with torch.inference_mode():
         for i in range(0, len(images), batch_size):
-            x = torch.from_numpy(images[i : i + batch_size]).float().div_(255.0)[:, None]
-            fmap, _ = features_and_logits(model, normalize(x, cfg))
+            x = normalize_quantized(torch.from_numpy(images[i : i + batch_size])[:, None], cfg)
+            fmap, _ = features_and_logits(model, x)
             out.append(pooled_features(fmap))
     return torch.cat(out)
 

@@ -20,6 +20,7 @@ __all__ = [
     "PreprocessConfig",
     "fit_square",
     "normalize",
+    "normalize_quantized",
     "prepare",
     "quantize",
     "stretch_intensity",
@@ -109,8 +110,12 @@ def prepare(gray: np.ndarray, cfg: PreprocessConfig) -> tuple[torch.Tensor, Geom
     square, geometry = fit_square(gray, cfg.input_size)
     # Quantise exactly as training and evaluation store their decoded images (uint8), so a file gives
     # the same probabilities in the app as in the evaluation.
-    x = torch.from_numpy(quantize(square))[None, None].float().div_(255.0)
-    return normalize(x, cfg), geometry
+    return normalize_quantized(torch.from_numpy(quantize(square))[None, None], cfg), geometry
+
+
+def normalize_quantized(squares: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
+    """uint8 squares ``(N, 1, S, S)`` (what training holds and evaluation decodes) -> the model's input."""
+    return normalize(squares.float().div_(255.0), cfg)
 
 
 def quantize(square: np.ndarray) -> np.ndarray:

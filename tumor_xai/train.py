@@ -50,7 +50,7 @@ from tumor_xai.augment import PRESETS, AugmentConfig, augment, augment_pair, hea
 from tumor_xai.checkpoint import atomic_write_bytes, load_weights, save_weights
 from tumor_xai.data import DataError, DecodedSplit, decode_samples, discover, split_train_val
 from tumor_xai.model import ARCHITECTURES, build_model, check_input_size, features_and_logits
-from tumor_xai.preprocess import PreprocessConfig, normalize
+from tumor_xai.preprocess import PreprocessConfig, normalize, normalize_quantized
 
 __all__ = ["TrainConfig", "TrainingData", "get_args_parser", "load_training_data", "main", "train"]
 
@@ -393,7 +393,7 @@ def _forward_batches(model, images, pre, batch_size, bf16):
     module = model.module if hasattr(model, "module") else model
     module.eval()
     for i in range(0, len(images), batch_size):
-        x = normalize(images[i : i + batch_size].float().div_(255.0), pre).contiguous(memory_format=torch.channels_last)
+        x = normalize_quantized(images[i : i + batch_size], pre).contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=bf16):
             fmap, logits = features_and_logits(module, x)
         yield slice(i, i + batch_size), fmap, logits
