@@ -83,7 +83,7 @@ class Settings:
     }
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> "Settings":
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
         """Defaults overridden by the environment; a malformed value raises ``ValueError`` naming it."""
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
@@ -124,16 +124,53 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     except ValueError as exc:
         raise SystemExit(f"app.py: {exc}") from None
     p = argparse.ArgumentParser(description="Serve the tumor-xai demo (research demo, not a diagnostic device).")
-    p.add_argument("--host", default=base.host, help="interface to listen on; 0.0.0.0 for every interface (env TUMOR_XAI_HOST, GRADIO_SERVER_NAME)")
+    p.add_argument(
+        "--host",
+        default=base.host,
+        help="interface to listen on; 0.0.0.0 for every interface (env TUMOR_XAI_HOST, GRADIO_SERVER_NAME)",
+    )
     p.add_argument("--port", type=int, default=base.port, help="port (env TUMOR_XAI_PORT, GRADIO_SERVER_PORT)")
-    p.add_argument("--share", action=argparse.BooleanOptionalAction, default=base.share, help="also open a temporary public gradio.live link (env TUMOR_XAI_SHARE)")
-    p.add_argument("--weights", default=base.weights, help="weights folder (default: the repository's weights/; env TUMOR_XAI_WEIGHTS)")
-    p.add_argument("--concurrency", type=int, default=base.concurrency, help="predictions run at once (env TUMOR_XAI_CONCURRENCY)")
-    p.add_argument("--queue-size", type=int, default=base.queue_size, help="most requests waiting in the queue (env TUMOR_XAI_QUEUE_SIZE)")
-    p.add_argument("--max-file-size", default=base.max_file_size, help='upload limit, e.g. "20mb" (env TUMOR_XAI_MAX_FILE_SIZE)')
-    p.add_argument("--cache-frequency", type=int, default=base.cache_frequency, help="seconds between deletions of old uploads and outputs (env TUMOR_XAI_CACHE_FREQUENCY)")
-    p.add_argument("--cache-age", type=int, default=base.cache_age, help="seconds an upload or output is kept (env TUMOR_XAI_CACHE_AGE)")
-    p.add_argument("--max-batch", type=int, default=base.max_batch, help="most files in one batch request (env TUMOR_XAI_MAX_BATCH)")
+    p.add_argument(
+        "--share",
+        action=argparse.BooleanOptionalAction,
+        default=base.share,
+        help="also open a temporary public gradio.live link (env TUMOR_XAI_SHARE)",
+    )
+    p.add_argument(
+        "--weights",
+        default=base.weights,
+        help="weights folder (default: the repository's weights/; env TUMOR_XAI_WEIGHTS)",
+    )
+    p.add_argument(
+        "--concurrency", type=int, default=base.concurrency, help="predictions run at once (env TUMOR_XAI_CONCURRENCY)"
+    )
+    p.add_argument(
+        "--queue-size",
+        type=int,
+        default=base.queue_size,
+        help="most requests waiting in the queue (env TUMOR_XAI_QUEUE_SIZE)",
+    )
+    p.add_argument(
+        "--max-file-size", default=base.max_file_size, help='upload limit, e.g. "20mb" (env TUMOR_XAI_MAX_FILE_SIZE)'
+    )
+    p.add_argument(
+        "--cache-frequency",
+        type=int,
+        default=base.cache_frequency,
+        help="seconds between deletions of old uploads and outputs (env TUMOR_XAI_CACHE_FREQUENCY)",
+    )
+    p.add_argument(
+        "--cache-age",
+        type=int,
+        default=base.cache_age,
+        help="seconds an upload or output is kept (env TUMOR_XAI_CACHE_AGE)",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=base.max_batch,
+        help="most files in one batch request (env TUMOR_XAI_MAX_BATCH)",
+    )
     args = p.parse_args(argv)
     for name in ("concurrency", "queue_size", "cache_frequency", "cache_age", "max_batch"):
         if getattr(args, name) < 1:
@@ -198,14 +235,24 @@ def _save_png(img: Image.Image | None, cache_dir: str) -> str | None:
 
 def _predict(predictor: Predictor, path: str, method: str, target: str | None, alpha: float) -> Any:
     if not Path(path).is_file():
-        raise gr.Error("This upload is no longer on the server (uploads are deleted after a while). Upload the file again.", title="Upload expired", print_exception=False)
+        raise gr.Error(
+            "This upload is no longer on the server (uploads are deleted after a while). Upload the file again.",
+            title="Upload expired",
+            print_exception=False,
+        )
     try:
         return predictor.predict(
-            path, explain=True, method=method, target=None if target in (None, "", PREDICTED) else target, alpha=float(alpha)
+            path,
+            explain=True,
+            method=method,
+            target=None if target in (None, "", PREDICTED) else target,
+            alpha=float(alpha),
         )
     except InvalidImageError as exc:
         # The message names the server's temporary path; show the file's own name instead.
-        raise gr.Error(str(exc).replace(path, Path(path).name), title="Cannot read this file", print_exception=False) from None
+        raise gr.Error(
+            str(exc).replace(path, Path(path).name), title="Cannot read this file", print_exception=False
+        ) from None
     except ValueError as exc:  # an option outside the predictor's choices (only reachable through the API)
         raise gr.Error(str(exc), title="Invalid option", print_exception=False) from None
 
@@ -228,7 +275,11 @@ def _screening_text(predictor: Predictor, pred: Any) -> str:
         if sens is not None
         else f"The flag is raised when the tumour probability is at least {threshold:.3g}."
     )
-    flag = "**Screening flag: POSITIVE**, worth an expert's look." if pred.screening_positive else "**Screening flag: negative.** This does not rule a tumour out."
+    flag = (
+        "**Screening flag: POSITIVE**, worth an expert's look."
+        if pred.screening_positive
+        else "**Screening flag: negative.** This does not rule a tumour out."
+    )
     lines += [flag, meaning]
     return "\n\n".join(lines)
 
@@ -278,35 +329,55 @@ def _label(pred: Any) -> dict[str, float] | str:
 def _outputs(predictor: Predictor, pred: Any, path: str, cache_dir: str) -> tuple:
     """Values for the page: (label, overlay, summary, original, details, source state)."""
     if not pred.in_distribution:
-        gr.Warning(f"Not assessed: {pred.ood_reason or 'the image is outside the training data'}", title="Out of distribution")
+        gr.Warning(
+            f"Not assessed: {pred.ood_reason or 'the image is outside the training data'}", title="Out of distribution"
+        )
     overlay = _save_png(pred.overlay, cache_dir) if pred.in_distribution else None
     original = _save_png(_gray_image(pred), cache_dir)
     return _label(pred), overlay, _summary(predictor, pred), original, _details(predictor, pred), path
 
 
-def _batch_rows(predictor: Predictor, files: list[Any], method: str, alpha: float, max_batch: int, cache_dir: str) -> tuple[list[list], list, list[str]]:
+def _batch_rows(
+    predictor: Predictor, files: list[Any], method: str, alpha: float, max_batch: int, cache_dir: str
+) -> tuple[list[list], list, list[str]]:
     paths = [p for p in (_file_path(f) for f in files or []) if p]
     if not paths:
         raise gr.Error("Add one or more image or DICOM files first.", title="No files", print_exception=False)
     if len(paths) > max_batch:
-        raise gr.Error(f"{len(paths)} files is more than the {max_batch} this demo takes at once; split them into smaller batches.", title="Too many files", print_exception=False)
+        raise gr.Error(
+            f"{len(paths)} files is more than the {max_batch} this demo takes at once; split them into smaller batches.",
+            title="Too many files",
+            print_exception=False,
+        )
     rows, gallery = [], []
     for path in paths:
         name = Path(path).name
         try:
             pred = predictor.predict(path, explain=True, method=method, alpha=float(alpha))
         except InvalidImageError as exc:
-            rows.append([name, "unreadable", "", *([None] * len(predictor.class_names)), None, "", str(exc).replace(path, name)])
+            rows.append(
+                [name, "unreadable", "", *([None] * len(predictor.class_names)), None, "", str(exc).replace(path, name)]
+            )
             continue
         probs = [round(pred.probabilities[c], 4) for c in predictor.class_names]
         tumour = None if pred.tumor_probability is None else round(pred.tumor_probability, 4)
         flag = "" if pred.screening_positive is None else ("positive" if pred.screening_positive else "negative")
         if pred.in_distribution:
             rows.append([name, "ok", pred.label, *probs, tumour, flag, ""])
-            gallery.append((_save_png(pred.overlay, cache_dir), f"{name}: {pred.label} {pred.probabilities[pred.label]:.0%}"))
+            gallery.append(
+                (_save_png(pred.overlay, cache_dir), f"{name}: {pred.label} {pred.probabilities[pred.label]:.0%}")
+            )
         else:  # the raw numbers stay in the CSV for the record, but no class is claimed
             rows.append([name, "not assessed (out of distribution)", "", *probs, tumour, "", pred.ood_reason or ""])
-    headers = ["file", "status", "label", *[f"p_{c}" for c in predictor.class_names], "tumor_probability", "screening", "note"]
+    headers = [
+        "file",
+        "status",
+        "label",
+        *[f"p_{c}" for c in predictor.class_names],
+        "tumor_probability",
+        "screening",
+        "note",
+    ]
     return rows, gallery, headers
 
 
@@ -393,7 +464,9 @@ def build_demo(predictor: Predictor, settings: Settings | None = None) -> gr.Blo
         return _label(pred), overlay, _details(predictor, pred)
 
     def run_batch(files: list[Any], method: str, alpha: float):
-        rows, gallery, headers = _batch_rows(predictor, files, method, alpha, settings.max_batch, batch_csv.GRADIO_CACHE)
+        rows, gallery, headers = _batch_rows(
+            predictor, files, method, alpha, settings.max_batch, batch_csv.GRADIO_CACHE
+        )
         Path(batch_csv.GRADIO_CACHE).mkdir(parents=True, exist_ok=True)
         out_dir = Path(tempfile.mkdtemp(prefix="batch-", dir=batch_csv.GRADIO_CACHE))
         csv_path = out_dir / "tumor-xai-results.csv"  # inside Gradio's cache, so delete_cache sweeps it
@@ -425,16 +498,36 @@ def build_demo(predictor: Predictor, settings: Settings | None = None) -> gr.Blo
                             height=280,
                             elem_id="image-input",
                         )
-                        file_in = gr.File(label="…or a DICOM file (or any image file)", type="filepath", elem_id="file-input")
-                        method = gr.Dropdown(methods, value=DEFAULT_METHOD, label="Explanation method", elem_id="method")
-                        target = gr.Dropdown([PREDICTED, *class_names], value=PREDICTED, label="Explain class", elem_id="target")
-                        alpha = gr.Slider(0.0, 1.0, value=DEFAULT_ALPHA, step=0.05, label="Heatmap opacity", elem_id="alpha")
+                        file_in = gr.File(
+                            label="…or a DICOM file (or any image file)", type="filepath", elem_id="file-input"
+                        )
+                        method = gr.Dropdown(
+                            methods, value=DEFAULT_METHOD, label="Explanation method", elem_id="method"
+                        )
+                        target = gr.Dropdown(
+                            [PREDICTED, *class_names], value=PREDICTED, label="Explain class", elem_id="target"
+                        )
+                        alpha = gr.Slider(
+                            0.0, 1.0, value=DEFAULT_ALPHA, step=0.05, label="Heatmap opacity", elem_id="alpha"
+                        )
                     with gr.Column(scale=2):
-                        label_out = gr.Label(num_top_classes=len(class_names), label="Class probabilities", elem_id="label")
+                        label_out = gr.Label(
+                            num_top_classes=len(class_names), label="Class probabilities", elem_id="label"
+                        )
                         summary_out = gr.Markdown(label="Summary", elem_id="summary")
                         with gr.Row():
-                            original_out = gr.Image(label="Original (as the model read it)", interactive=False, buttons=["download", "fullscreen"], elem_id="original")
-                            overlay_out = gr.Image(label="Heatmap overlay", interactive=False, buttons=["download", "fullscreen"], elem_id="overlay")
+                            original_out = gr.Image(
+                                label="Original (as the model read it)",
+                                interactive=False,
+                                buttons=["download", "fullscreen"],
+                                elem_id="original",
+                            )
+                            overlay_out = gr.Image(
+                                label="Heatmap overlay",
+                                interactive=False,
+                                buttons=["download", "fullscreen"],
+                                elem_id="overlay",
+                            )
                         with gr.Accordion("Details (as the API returns them)", open=False):
                             details_out = gr.JSON(label="Details", elem_id="details")
                         gr.Markdown(DISCLAIMER)
@@ -449,17 +542,41 @@ def build_demo(predictor: Predictor, settings: Settings | None = None) -> gr.Blo
             controls = [method, target, alpha]
             # One listener per input: .change fires on upload, paste, example click and clear alike.
             for source_in in (image_in, file_in):
-                source_in.change(analyze, [source_in, *controls], outputs, api_visibility="private", trigger_mode="always_last", concurrency_id="model")
+                source_in.change(
+                    analyze,
+                    [source_in, *controls],
+                    outputs,
+                    api_visibility="private",
+                    trigger_mode="always_last",
+                    concurrency_id="model",
+                )
             for control in controls:
-                control.change(rerender, [source, *controls], outputs, api_visibility="private", trigger_mode="always_last", concurrency_id="model")
-            # The API endpoint: a listener on a button nobody sees, so /predict returns only what a program
-            # needs (no summary text, no copy of the original), in a fixed order.
+                control.change(
+                    rerender,
+                    [source, *controls],
+                    outputs,
+                    api_visibility="private",
+                    trigger_mode="always_last",
+                    concurrency_id="model",
+                )
+                # The API endpoint: a listener on a button nobody sees, so /predict returns only what a program
+                # needs (no summary text, no copy of the original), in a fixed order.
                 api_trigger = gr.Button(visible=False)  # inside the tab: a block between tabs splits the tab bar
-            api_trigger.click(predict, [file_in, *controls], [label_out, overlay_out, details_out], api_name="predict", concurrency_id="model")
+            api_trigger.click(
+                predict,
+                [file_in, *controls],
+                [label_out, overlay_out, details_out],
+                api_name="predict",
+                concurrency_id="model",
+            )
 
             with gr.Tab("Batch"):
-                gr.Markdown(f"Classify up to {settings.max_batch} files at once; unreadable files are listed, not fatal.")
-                batch_in = gr.File(file_count="multiple", type="filepath", label="Image or DICOM files", elem_id="batch-input")
+                gr.Markdown(
+                    f"Classify up to {settings.max_batch} files at once; unreadable files are listed, not fatal."
+                )
+                batch_in = gr.File(
+                    file_count="multiple", type="filepath", label="Image or DICOM files", elem_id="batch-input"
+                )
                 with gr.Row():
                     batch_method = gr.Dropdown(methods, value=DEFAULT_METHOD, label="Explanation method")
                     batch_alpha = gr.Slider(0.0, 1.0, value=DEFAULT_ALPHA, step=0.05, label="Heatmap opacity")
@@ -468,13 +585,24 @@ def build_demo(predictor: Predictor, settings: Settings | None = None) -> gr.Blo
                 batch_gallery = gr.Gallery(label="Heatmap overlays", columns=4, buttons=["download", "fullscreen"])
                 batch_csv = gr.File(label="Results as CSV", interactive=False)
                 gr.Markdown(DISCLAIMER)
-                batch_go.click(run_batch, [batch_in, batch_method, batch_alpha], [batch_table, batch_gallery, batch_csv], api_name="predict_batch", concurrency_id="model")
+                batch_go.click(
+                    run_batch,
+                    [batch_in, batch_method, batch_alpha],
+                    [batch_table, batch_gallery, batch_csv],
+                    api_name="predict_batch",
+                    concurrency_id="model",
+                )
 
             with gr.Tab("About the model and data"):
                 gr.Markdown(_about_markdown(predictor))
                 plots = sorted(DATASET_REPORT_DIR.glob("*.png"))
                 if plots:
-                    gr.Gallery([(str(p), p.stem.replace("_", " ")) for p in plots], label="Dataset report", columns=2, buttons=["download", "fullscreen"])
+                    gr.Gallery(
+                        [(str(p), p.stem.replace("_", " ")) for p in plots],
+                        label="Dataset report",
+                        columns=2,
+                        buttons=["download", "fullscreen"],
+                    )
 
     demo.queue(default_concurrency_limit=settings.concurrency, max_size=settings.queue_size)
     return demo
@@ -505,7 +633,9 @@ def main(argv: list[str] | None = None) -> None:
     except WeightsError as exc:
         print(f"app.py: cannot start: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(f"tumor-xai: serving {json.dumps({k: v for k, v in asdict(settings).items()})}, {threads} torch thread(s) per request")
+    print(
+        f"tumor-xai: serving {json.dumps({k: v for k, v in asdict(settings).items()})}, {threads} torch thread(s) per request"
+    )
     launch(build_demo(predictor, settings), settings)
 
 

@@ -65,14 +65,22 @@ def _csv(text: str) -> list[str]:
 def run_summary(run: Path, variant: str, seed: int) -> dict:
     """One row of the table from a run's log.json and its evaluation's metrics.json."""
     log = json.loads((run / "log.json").read_text())
-    row: dict = {"variant": variant, "seed": seed, "run": str(run), "train_seconds": round(sum(e["seconds"] for e in log), 1),
-                 "epochs": len(log), "val_acc_last": log[-1].get("val_acc")}
+    row: dict = {
+        "variant": variant,
+        "seed": seed,
+        "run": str(run),
+        "train_seconds": round(sum(e["seconds"] for e in log), 1),
+        "epochs": len(log),
+        "val_acc_last": log[-1].get("val_acc"),
+    }
     metrics_path = run / "eval" / "metrics.json"
     if not metrics_path.is_file():
         row["error"] = f"no {metrics_path}: see {run / 'eval.log'}"
         return row
     m = json.loads(metrics_path.read_text())
-    row.update(official_acc=m["official"]["accuracy"], dedup_acc=m["deduplicated"]["accuracy"], ece=m["official"]["ece"])
+    row.update(
+        official_acc=m["official"]["accuracy"], dedup_acc=m["deduplicated"]["accuracy"], ece=m["official"]["ece"]
+    )
     for r in m.get("localization", {}).get("results", []):
         if (r["method"], r["layer"]) == HEATMAP:
             row.update(pointing=r["true"]["pointing"], heat_in_mask=r["true"]["mass_in_mask"])
@@ -93,8 +101,14 @@ def _fmt(values: list[float], pct: bool = True) -> str:
     return f"{mean:.1f} ± {sd:.1f}" if pct else f"{mean:.3f} ± {sd:.3f}"
 
 
-COLUMNS = [("official_acc", "official acc %"), ("dedup_acc", "dup-free acc %"), ("ece", "ECE"),
-           ("pointing", "pointing %"), ("heat_in_mask", "heat in mask %"), ("stress_min_bar", "worst bar stress acc %")]
+COLUMNS = [
+    ("official_acc", "official acc %"),
+    ("dedup_acc", "dup-free acc %"),
+    ("ece", "ECE"),
+    ("pointing", "pointing %"),
+    ("heat_in_mask", "heat in mask %"),
+    ("stress_min_bar", "worst bar stress acc %"),
+]
 
 
 def write_summary(out: Path, rows: list[dict], meta: dict) -> None:
@@ -107,12 +121,16 @@ def write_summary(out: Path, rows: list[dict], meta: dict) -> None:
             per_variant[v][key] = [r[key] for r in done if key in r]
         stress_names = sorted({k for r in done for k in r.get("stress", {})})
         per_variant[v]["stress"] = {k: [r["stress"][k] for r in done if k in r.get("stress", {})] for k in stress_names}
-    (out / "summary.json").write_text(json.dumps({"meta": meta, "runs": rows, "variants": per_variant}, indent=1) + "\n")
+    (out / "summary.json").write_text(
+        json.dumps({"meta": meta, "runs": rows, "variants": per_variant}, indent=1) + "\n"
+    )
     lines = [
-        "# Ablation: attention guidance and acquisition robustness", "",
+        "# Ablation: attention guidance and acquisition robustness",
+        "",
         f"{meta['device']}; {meta['epochs']} epochs at {meta['image_size']} px; seeds {meta['seeds']}. "
         f"Heatmap: {HEATMAP[0]} on {HEATMAP[1]}, true class, on the masked Testing slices. Mean ± sd over seeds. "
-        f"Worst bar stress = the lowest accuracy over {', '.join(BAR_STRESS)}.", "",
+        f"Worst bar stress = the lowest accuracy over {', '.join(BAR_STRESS)}.",
+        "",
         "| variant | runs | " + " | ".join(h for _, h in COLUMNS) + " | train s |",
         "|---" * (len(COLUMNS) + 3) + "|",
     ]
@@ -121,13 +139,21 @@ def write_summary(out: Path, rows: list[dict], meta: dict) -> None:
         lines.append(f"| {v} | {s['runs']} | " + " | ".join(cells) + f" | {_fmt(s['train_seconds'], pct=False)} |")
     stress_names = sorted({k for s in per_variant.values() for k in s["stress"]})
     if stress_names:
-        lines += ["", "Accuracy (%) under each stress test:", "",
-                  "| variant | " + " | ".join(stress_names) + " |", "|---" * (len(stress_names) + 1) + "|"]
+        lines += [
+            "",
+            "Accuracy (%) under each stress test:",
+            "",
+            "| variant | " + " | ".join(stress_names) + " |",
+            "|---" * (len(stress_names) + 1) + "|",
+        ]
         for v, s in per_variant.items():
             lines.append(f"| {v} | " + " | ".join(_fmt(s["stress"].get(k, [])) for k in stress_names) + " |")
     failed = [r for r in rows if "error" in r]
     if failed:
-        lines += ["", "Failed evaluations: " + "; ".join(f"{r['variant']} seed {r['seed']}: {r['error']}" for r in failed)]
+        lines += [
+            "",
+            "Failed evaluations: " + "; ".join(f"{r['variant']} seed {r['seed']}: {r['error']}" for r in failed),
+        ]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
 
 
@@ -142,20 +168,47 @@ def main() -> int:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--budget-min", type=float, default=0.0, help="stop starting runs that would end after this many minutes (0: no limit)")
-    p.add_argument("--eval-workers", type=int, default=max(1, (os.cpu_count() or 2) - 2), help="CPU threads of each evaluation")
+    p.add_argument(
+        "--budget-min",
+        type=float,
+        default=0.0,
+        help="stop starting runs that would end after this many minutes (0: no limit)",
+    )
+    p.add_argument(
+        "--eval-workers", type=int, default=max(1, (os.cpu_count() or 2) - 2), help="CPU threads of each evaluation"
+    )
     p.add_argument("--no-stress", action="store_true", help="skip the stress tests in the evaluation")
-    p.add_argument("--train-arg", action="append", default=[], help="extra argument for every training run (repeatable, e.g. --train-arg=--amp=off)")
+    p.add_argument(
+        "--train-arg",
+        action="append",
+        default=[],
+        help="extra argument for every training run (repeatable, e.g. --train-arg=--amp=off)",
+    )
     args = p.parse_args()
 
     plan = [(v, s) for s in args.seeds for v in args.variants]
-    common = ["--data", args.data, "--epochs", str(args.epochs), "--image-size", str(args.image_size),
-              "--batch-size", str(args.batch_size), "--device", args.device, *args.train_arg]
+    common = [
+        "--data",
+        args.data,
+        "--epochs",
+        str(args.epochs),
+        "--image-size",
+        str(args.image_size),
+        "--batch-size",
+        str(args.batch_size),
+        "--device",
+        args.device,
+        *args.train_arg,
+    ]
     configs = []
     try:
         for v, s in plan:
             out = args.out / v / f"seed{s}"
-            cfg = config_from_args(get_args_parser().parse_args([*common, *variant_args(v, args.masks), "--out", str(out), "--seed", str(s)]))
+            cfg = config_from_args(
+                get_args_parser().parse_args(
+                    [*common, *variant_args(v, args.masks), "--out", str(out), "--seed", str(s)]
+                )
+            )
             check_config(cfg)
             configs.append((v, s, cfg))
     except ValueError as exc:
@@ -163,9 +216,15 @@ def main() -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda") if (args.device != "cpu" and torch.cuda.is_available()) else torch.device("cpu")
-    meta = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU", "epochs": args.epochs,
-            "image_size": args.image_size, "batch_size": args.batch_size, "seeds": args.seeds, "variants": args.variants,
-            "command": " ".join(sys.argv)}
+    meta = {
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU",
+        "epochs": args.epochs,
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "seeds": args.seeds,
+        "variants": args.variants,
+        "command": " ".join(sys.argv),
+    }
     started = time.time()
     t = time.time()
     # Decode once, with the masks, for every run (a run without guidance ignores them).
@@ -188,7 +247,10 @@ def main() -> int:
     for v, s, cfg in configs:
         elapsed = time.time() - started
         if args.budget_min and durations and elapsed + 1.5 * statistics.fmean(durations) > args.budget_min * 60:
-            print(f"budget: skipping {v} seed {s} and later runs ({elapsed / 60:.1f} of {args.budget_min} min used)", flush=True)
+            print(
+                f"budget: skipping {v} seed {s} and later runs ({elapsed / 60:.1f} of {args.budget_min} min used)",
+                flush=True,
+            )
             break
         t = time.time()
         print(f"== training {v} seed {s}", flush=True)
@@ -197,9 +259,28 @@ def main() -> int:
         if pending is not None:
             finish(pending)
         run = Path(cfg.out)
-        cmd = [sys.executable, "-m", "tumor_xai.evaluate", "--data", args.data, "--weights", str(run), "--out", str(run / "eval"),
-               "--localization", "--masks", args.masks, "--methods", HEATMAP[0], "--layers", HEATMAP[1],
-               "--workers", str(args.eval_workers), "--batch-size", "64"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "tumor_xai.evaluate",
+            "--data",
+            args.data,
+            "--weights",
+            str(run),
+            "--out",
+            str(run / "eval"),
+            "--localization",
+            "--masks",
+            args.masks,
+            "--methods",
+            HEATMAP[0],
+            "--layers",
+            HEATMAP[1],
+            "--workers",
+            str(args.eval_workers),
+            "--batch-size",
+            "64",
+        ]
         if args.no_stress:
             cmd.append("--no-stress")
         log = open(run / "eval.log", "w")

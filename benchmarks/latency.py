@@ -51,8 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", type=Path, default=None, help="weights folder (default: the repository's weights/)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=30)
-    p.add_argument("--methods", default=",".join(m for m in METHODS if m != "scorecam"),
-                   help="comma-separated explanation methods to time (scorecam: one forward per channel, slow)")
+    p.add_argument(
+        "--methods",
+        default=",".join(m for m in METHODS if m != "scorecam"),
+        help="comma-separated explanation methods to time (scorecam: one forward per channel, slow)",
+    )
     p.add_argument("--channels-last", action="store_true", help="convert the model to channels_last first")
     args = p.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
@@ -64,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.channels_last:
         predictor.model.to(memory_format=torch.channels_last)
     size = predictor.preprocess.input_size
-    print(f"weights {predictor.weights.path} ({predictor.weights.metadata['arch']}, {size} px), torch {torch.__version__}, "
-          f"{args.threads} thread(s), {args.repeats} repeats, channels_last={args.channels_last}")
+    print(
+        f"weights {predictor.weights.path} ({predictor.weights.metadata['arch']}, {size} px), torch {torch.__version__}, "
+        f"{args.threads} thread(s), {args.repeats} repeats, channels_last={args.channels_last}"
+    )
 
     base = sample_slice()
     decoded224 = load_image(np.asarray(Image.fromarray(base).resize((224, 224))))
@@ -87,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, src in inputs.items():
             cases[f"{name}: predict(explain=False)"] = lambda src=src: predictor.predict(src)
             for m in methods:
-                cases[f"{name}: predict(explain=True, {m})"] = lambda src=src, m=m: predictor.predict(src, explain=True, method=m)
+                cases[f"{name}: predict(explain=True, {m})"] = lambda src=src, m=m: predictor.predict(
+                    src, explain=True, method=m
+                )
         cases["512x512 JPEG: decode only"] = lambda: load_image(jpeg_bytes)
         # Round-robin: every case runs once per round, so a busy machine slows all of them alike
         # and the ratios stay comparable.
@@ -108,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     bare50 = rows[0][1][0]
     for name in inputs:
         explained = dict(rows)[f"{name}: predict(explain=True, {DEFAULT_METHOD})"][0]
-        print(f"ratio {name}: predict(explain=True, {DEFAULT_METHOD}) p50 / bare forward p50 = {explained / bare50:.2f} (bar <= 2.0)")
+        print(
+            f"ratio {name}: predict(explain=True, {DEFAULT_METHOD}) p50 / bare forward p50 = {explained / bare50:.2f} (bar <= 2.0)"
+        )
     return 0
 
 

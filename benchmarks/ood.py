@@ -27,9 +27,30 @@ from tumor_xai.predictor import Predictor
 from tumor_xai.preprocess import prepare
 
 SKIMAGE_NAMES = [
-    "astronaut", "brick", "camera", "cat", "cell", "checkerboard", "chelsea", "clock", "coffee", "coins", "colorwheel",
-    "grass", "gravel", "horse", "hubble_deep_field", "immunohistochemistry", "logo", "microaneurysms", "moon", "page",
-    "retina", "rocket", "shepp_logan_phantom", "text",
+    "astronaut",
+    "brick",
+    "camera",
+    "cat",
+    "cell",
+    "checkerboard",
+    "chelsea",
+    "clock",
+    "coffee",
+    "coins",
+    "colorwheel",
+    "grass",
+    "gravel",
+    "horse",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "logo",
+    "microaneurysms",
+    "moon",
+    "page",
+    "retina",
+    "rocket",
+    "shepp_logan_phantom",
+    "text",
 ]
 
 
@@ -64,7 +85,9 @@ def synthetic_images(rng: np.random.Generator) -> dict[str, np.ndarray]:
     for _ in range(12):
         x0, y0 = rng.integers(0, s - 40, 2)
         w, h = rng.integers(10, 60, 2)
-        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([int(x0), int(y0), int(x0 + w), int(y0 + h)], fill=int(rng.integers(80, 256)))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(
+            [int(x0), int(y0), int(x0 + w), int(y0 + h)], fill=int(rng.integers(80, 256))
+        )
     out["random shapes"] = np.asarray(img)
     img = Image.new("RGB", (s, s), (250, 250, 245))
     ImageDraw.Draw(img).rectangle([40, 60, 200, 180], fill=(30, 90, 200))
@@ -120,7 +143,9 @@ def refit(predictor: Predictor, data: Path) -> dict[str, ood.OodDetector]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, type=Path, help="Kaggle-layout dataset (Testing split scored; Training for --compare)")
+    p.add_argument(
+        "--data", required=True, type=Path, help="Kaggle-layout dataset (Testing split scored; Training for --compare)"
+    )
     p.add_argument("--weights", type=Path, default=None)
     p.add_argument("--compare", action="store_true", help="also refit and score the class / single covariance variants")
     p.add_argument("--threads", type=int, default=2)
@@ -146,7 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     other_feats = torch.stack([features_of(predictor, d) for d in others.values()])
 
     print(f"\nnon-MRI pictures ({len(others)}): cheap-check reason or distance / threshold per detector")
-    dists = {name: (det.distance(other_feats), det.distance(test_feats_t)) for name, det in detectors.items() if det is not None}
+    dists = {
+        name: (det.distance(other_feats), det.distance(test_feats_t))
+        for name, det in detectors.items()
+        if det is not None
+    }
     for i, (name, reason) in enumerate(other_cheap.items()):
         cells = [f"{n}: {d[0][i].item() / detectors[n].threshold:5.2f}" for n, d in dists.items()]
         print(f"  {name:36s} {'CHEAP ' + reason[:50] if reason else '':58s} {'  '.join(cells)}")
@@ -160,8 +189,10 @@ def main(argv: list[str] | None = None) -> int:
         test_pass = 1 - (cheap_test | (d_test.numpy() > t)).mean()
         other_flag = (cheap_other | (d_other.numpy() > t)).mean()
         bars = "meets both bars" if test_pass >= 0.95 and other_flag >= 0.85 else "SHORT of a bar"
-        print(f"  {name:14s} threshold {t:8.2f}: Testing pass {test_pass:.1%} (bar >= 95%), "
-              f"non-MRI flagged {other_flag:.1%} (bar >= 85%) -> {bars}")
+        print(
+            f"  {name:14s} threshold {t:8.2f}: Testing pass {test_pass:.1%} (bar >= 95%), "
+            f"non-MRI flagged {other_flag:.1%} (bar >= 85%) -> {bars}"
+        )
     return 0
 
 

@@ -42,7 +42,9 @@ def make_dataset(root: Path, per_class: dict[str, int] | None = None, size: int 
             d = root / split / name
             d.mkdir(parents=True, exist_ok=True)
             for i in range(n):
-                Image.fromarray(synthetic_slice(label, rng, size)).save(d / f"{split[:2]}-{name[:2]}_{i:04d}.jpg", quality=95)
+                Image.fromarray(synthetic_slice(label, rng, size)).save(
+                    d / f"{split[:2]}-{name[:2]}_{i:04d}.jpg", quality=95
+                )
     return root
 
 

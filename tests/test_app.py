@@ -22,9 +22,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import CLASSES, EXAMPLES, REPO, make_weights
+from PIL import Image
 
 SHIPPED = REPO / "weights"
 HAVE_SHIPPED = (SHIPPED / "model.json").is_file()
@@ -44,7 +43,10 @@ def start_app(weights: Path, cache_dir: Path, *extra: str, timeout: float = 90.0
     log = open(cache_dir.parent / f"app-{port}.log", "w")
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "app.py"), "--port", str(port), "--weights", str(weights), *extra],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
@@ -78,7 +80,12 @@ def server(tmp_path_factory):
     cache = tmp_path_factory.mktemp("app-server") / "cache"
     cache.mkdir()
     proc, url = start_app(
-        served_weights(tmp_path_factory), cache, "--cache-frequency", str(CACHE_FREQUENCY), "--cache-age", str(CACHE_AGE)
+        served_weights(tmp_path_factory),
+        cache,
+        "--cache-frequency",
+        str(CACHE_FREQUENCY),
+        "--cache-age",
+        str(CACHE_AGE),
     )
     yield url, cache
     stop_app(proc)
@@ -136,9 +143,13 @@ def test_settings_follow_cli_then_own_env_then_space_env(fresh_app):
     space = {"GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": "7000"}
     s = app.parse_args([], environ=space)
     assert (s.host, s.port, s.share, s.weights) == ("0.0.0.0", 7000, False, None)
-    s = app.parse_args([], environ={**space, "TUMOR_XAI_PORT": "7100", "TUMOR_XAI_SHARE": "true", "TUMOR_XAI_CACHE_AGE": "5"})
+    s = app.parse_args(
+        [], environ={**space, "TUMOR_XAI_PORT": "7100", "TUMOR_XAI_SHARE": "true", "TUMOR_XAI_CACHE_AGE": "5"}
+    )
     assert (s.port, s.share, s.cache_age) == (7100, True, 5)
-    s = app.parse_args(["--port", "7200", "--no-share", "--weights", "w"], environ={"TUMOR_XAI_PORT": "7100", "TUMOR_XAI_SHARE": "1"})
+    s = app.parse_args(
+        ["--port", "7200", "--no-share", "--weights", "w"], environ={"TUMOR_XAI_PORT": "7100", "TUMOR_XAI_SHARE": "1"}
+    )
     assert (s.port, s.share, s.weights) == (7200, False, "w")
     assert app.parse_args([], environ={}).host == "127.0.0.1" and app.parse_args([], environ={}).port == 7860
 
@@ -155,7 +166,10 @@ def test_malformed_setting_names_the_variable(fresh_app):
 def test_missing_weights_stop_start_up_with_instructions(tmp_path):
     out = subprocess.run(
         [sys.executable, str(REPO / "app.py"), "--weights", str(tmp_path / "nowhere"), "--port", str(free_port())],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 2
     assert "cannot start" in out.stderr and "python -m tumor_xai.train" in out.stderr
@@ -166,7 +180,9 @@ def test_missing_weights_stop_start_up_with_instructions(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAVE_SHIPPED, reason="needs the shipped weights/ (weights/model.json is absent): train them first")
+@pytest.mark.skipif(
+    not HAVE_SHIPPED, reason="needs the shipped weights/ (weights/model.json is absent): train them first"
+)
 @pytest.mark.parametrize("cls", CLASSES)
 def test_server_classifies_a_real_example_of_each_class(client, cls):
     from gradio_client import handle_file
@@ -246,7 +262,11 @@ def test_batch_returns_a_table_a_gallery_and_a_csv(client, tmp_path):
 
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    files = [handle_file(str(EXAMPLES / "glioma_1.jpg")), handle_file(str(EXAMPLES / "pituitary_1.jpg")), handle_file(str(bad))]
+    files = [
+        handle_file(str(EXAMPLES / "glioma_1.jpg")),
+        handle_file(str(EXAMPLES / "pituitary_1.jpg")),
+        handle_file(str(bad)),
+    ]
     table, gallery, csv_path = client.predict(files, api_name="/predict_batch")
     assert [row[0] for row in table["data"]] == ["glioma_1.jpg", "pituitary_1.jpg", "broken.png"]
     assert [row[1] for row in table["data"]] == ["ok", "ok", "unreadable"]
@@ -270,4 +290,6 @@ def test_uploads_and_outputs_are_deleted_after_their_lifetime(client, server, tm
     while list(cache.rglob(name)) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not list(cache.rglob(name)), "the upload outlived the configured cache lifetime"
-    assert not [p for p in cache.rglob("out-*.png") if time.time() - p.stat().st_ctime > CACHE_AGE + 3 * CACHE_FREQUENCY]
+    assert not [
+        p for p in cache.rglob("out-*.png") if time.time() - p.stat().st_ctime > CACHE_AGE + 3 * CACHE_FREQUENCY
+    ]

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import CLASSES
 from PIL import Image
 from torch import nn
 
-from conftest import CLASSES
 from tumor_xai import Predictor
 from tumor_xai.attention import (
     cam_mask_loss,
@@ -154,7 +154,9 @@ def _shortcut_data(n: int, seed: int, size: int = 64):
     masks = np.zeros_like(images)
     labels = rng.integers(0, 2, n)
     for i in range(n):
-        img = np.where((yy - c) ** 2 + (xx - c) ** 2 < (0.42 * size) ** 2, 0.35, 0.0) + rng.normal(0, 0.03, (size, size))
+        img = np.where((yy - c) ** 2 + (xx - c) ** 2 < (0.42 * size) ** 2, 0.35, 0.0) + rng.normal(
+            0, 0.03, (size, size)
+        )
         if labels[i]:
             a, r = rng.uniform(0, 2 * np.pi), rng.uniform(0, 0.22 * size)
             lesion = (yy - c - r * np.sin(a)) ** 2 + (xx - c - r * np.cos(a)) ** 2 < (0.07 * size) ** 2
@@ -171,9 +173,14 @@ class _TinyCamNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 32, 3, padding=1),
+            nn.ReLU(),
         )
         self.fc = nn.Linear(32, 2)
 
@@ -229,15 +236,33 @@ def test_cam_loss_moves_the_map_from_the_shortcut_to_the_lesion():
 
 def test_cli_guided_run_writes_a_loadable_folder_and_records_the_flags(tiny_dataset, tiny_masks, tmp_path):
     out = tmp_path / "guided"
-    args = ["--data", str(tiny_dataset), "--out", str(out), *SMOKE, "--masks", str(tiny_masks),
-            "--cam-loss-weight", "0.5", "--cam-warmup-epochs", "0", "--head-loss-weight", "0.2",
-            "--lesion-erase", "0.3", "--aug", "strong"]
+    args = [
+        "--data",
+        str(tiny_dataset),
+        "--out",
+        str(out),
+        *SMOKE,
+        "--masks",
+        str(tiny_masks),
+        "--cam-loss-weight",
+        "0.5",
+        "--cam-warmup-epochs",
+        "0",
+        "--head-loss-weight",
+        "0.2",
+        "--lesion-erase",
+        "0.3",
+        "--aug",
+        "strong",
+    ]
     assert main(args) == 0
     config = json.loads((out / "config.json").read_text())
     training = json.loads((out / "model.json").read_text())["training"]
     for record in (config, training):
         assert record["masks"] == str(tiny_masks) and record["cam_loss_weight"] == 0.5 and record["cam_loss"] == "mass"
-        assert record["head_loss_weight"] == 0.2 and record["lesion_erase"] == 0.3 and record["erase_target"] == "uniform"
+        assert (
+            record["head_loss_weight"] == 0.2 and record["lesion_erase"] == 0.3 and record["erase_target"] == "uniform"
+        )
         assert record["aug"] == "strong" and record["augment"]["invert"] > 0
     log = json.loads((out / "log.json").read_text())
     assert {"train_cam_loss", "train_head_loss", "val_pointing", "val_heat_in_mask"} <= set(log[0])
@@ -277,9 +302,31 @@ def test_ablation_script_runs_end_to_end_on_cpu(tiny_dataset, tiny_masks, tmp_pa
     from conftest import REPO
 
     out = tmp_path / "ablation"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "ablation.py"), "--data", str(tiny_dataset), "--masks", str(tiny_masks),
-           "--out", str(out), "--variants", "cam+strong", "--seeds", "0", "--epochs", "1", "--image-size", "64",
-           "--batch-size", "8", "--device", "cpu", "--eval-workers", "1", "--no-stress"]
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / "ablation.py"),
+        "--data",
+        str(tiny_dataset),
+        "--masks",
+        str(tiny_masks),
+        "--out",
+        str(out),
+        "--variants",
+        "cam+strong",
+        "--seeds",
+        "0",
+        "--epochs",
+        "1",
+        "--image-size",
+        "64",
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+        "--eval-workers",
+        "1",
+        "--no-stress",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())

@@ -63,7 +63,9 @@ def test_shapes_dtype_and_range(recipe):
     x = augment(images, cfg, _gen())
     assert x.shape == images.shape and x.dtype == torch.float32
     assert torch.isfinite(x).all() and x.min() >= 0 and x.max() <= 1
-    x2, m2 = augment_pair(images, torch.cat([masks, masks], 1), cfg, _gen(), erase=torch.ones(len(images), dtype=torch.bool))
+    x2, m2 = augment_pair(
+        images, torch.cat([masks, masks], 1), cfg, _gen(), erase=torch.ones(len(images), dtype=torch.bool)
+    )
     assert x2.shape == images.shape and m2.shape == (len(images), 2, 32, 32)
     assert torch.isfinite(x2).all() and x2.min() >= 0 and x2.max() <= 1 and m2.min() >= 0 and m2.max() <= 1
 
@@ -94,7 +96,7 @@ def test_image_and_mask_share_one_affine():
     assert not torch.allclose(m, masks), "the transform did move things"
     # Under the full strong recipe the bright lesion still sits where the warped mask says.
     x, m = augment_pair(images, masks, AugmentConfig.preset("strong").with_overrides({"invert": 0}), _gen(6))
-    for xi, mi in zip(x[:, 0], m[:, 0]):
+    for xi, mi in zip(x[:, 0], m[:, 0], strict=False):
         inside, ring = xi[mi > 0.9].mean(), xi[(mi < 0.1) & (head_region(xi[None, None])[0, 0] > 0.9)].mean()
         assert inside > ring
 
@@ -119,7 +121,9 @@ def test_gaussian_blur_keeps_mean_and_sigma_zero_is_identity():
 @pytest.mark.parametrize("name", ["curve", "bias_field", "resolution", "blur", "noise", "gamma", "frame"])
 def test_each_strong_transform_changes_some_images(name):
     images, _ = _head_batch(8, size=112)  # blur is in px at 224: visible from about 100 px up
-    cfg = AugmentConfig.preset("none").with_overrides({name: AugmentConfig.preset("strong").__getattribute__(name) or 0.5})
+    cfg = AugmentConfig.preset("none").with_overrides(
+        {name: AugmentConfig.preset("strong").__getattribute__(name) or 0.5}
+    )
     x = augment(images, cfg, _gen(2))
     changed = (x - images.float() / 255).abs().flatten(1).amax(1) > 1e-3
     assert changed.any() and x.min() >= 0 and x.max() <= 1

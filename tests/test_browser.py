@@ -11,7 +11,6 @@ import os
 import shutil
 
 import pytest
-
 from conftest import CLASSES, EXAMPLES, REPO
 from test_app import served_weights, start_app, stop_app
 
@@ -86,14 +85,20 @@ def test_upload_shows_the_label_and_the_overlay(server, browser, tmp_path):
         assert label == "glioma"
     assert "Traceback" not in browser.page_source
     # All three tabs sit in one tab bar (a stray block between tabs once split it and hid two).
-    bars = [[t.text.strip() for t in bar.find_elements(By.CSS_SELECTOR, "[role=tab]")]
-            for bar in browser.find_elements(By.CSS_SELECTOR, "[role=tablist]")]
+    bars = [
+        [t.text.strip() for t in bar.find_elements(By.CSS_SELECTOR, "[role=tab]")]
+        for bar in browser.find_elements(By.CSS_SELECTOR, "[role=tablist]")
+    ]
     assert bars == [["Classify one slice", "Batch", "About the model and data"]], bars
     # Everything the page loaded (scripts, fonts, images) came from the app itself.
     urls = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     assert urls and not [u for u in urls if not u.startswith((server, "data:", "blob:"))]
 
-    shot = REPO / "assets" / "screenshot.png" if os.environ.get("TUMOR_XAI_SCREENSHOT") == "1" else tmp_path / "screenshot.png"
+    shot = (
+        REPO / "assets" / "screenshot.png"
+        if os.environ.get("TUMOR_XAI_SCREENSHOT") == "1"
+        else tmp_path / "screenshot.png"
+    )
     browser.save_screenshot(str(shot))
     assert shot.stat().st_size > 10_000
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import make_weights
+
 from tumor_xai.checkpoint import METADATA_FILE, WEIGHTS_FILE, WeightsError, load_weights, save_weights
 from tumor_xai.model import build_model
 
@@ -16,8 +16,12 @@ def test_round_trip_gives_identical_outputs(tmp_path):
     torch.manual_seed(0)
     model = build_model("resnet18", 4).eval()
     x = torch.randn(2, 1, 64, 64)
-    save_weights(model, tmp_path, {"arch": "resnet18", "class_names": list("abcd"), "preprocessing": {"input_size": 64}},
-                 extras={"ood.mean": torch.ones(3)})
+    save_weights(
+        model,
+        tmp_path,
+        {"arch": "resnet18", "class_names": list("abcd"), "preprocessing": {"input_size": 64}},
+        extras={"ood.mean": torch.ones(3)},
+    )
     loaded = load_weights(tmp_path)
     with torch.no_grad():
         assert torch.equal(model(x), loaded.model(x))
@@ -31,8 +35,13 @@ def test_half_storage_is_upcast_and_close(tmp_path):
     torch.manual_seed(0)
     model = build_model("resnet18", 4).eval()
     precision = torch.full((3, 3), 1e6)  # beyond float16's range
-    save_weights(model, tmp_path, {"arch": "resnet18", "class_names": list("abcd"), "preprocessing": {}},
-                 extras={"ood.precision": precision}, half=True)
+    save_weights(
+        model,
+        tmp_path,
+        {"arch": "resnet18", "class_names": list("abcd"), "preprocessing": {}},
+        extras={"ood.precision": precision},
+        half=True,
+    )
     loaded = load_weights(tmp_path)
     assert torch.equal(loaded.extras["ood.precision"], precision), "extras must stay float32"
     assert json.loads((tmp_path / METADATA_FILE).read_text())["storage_dtype"] == "float16"

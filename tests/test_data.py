@@ -6,9 +6,9 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import CLASSES, make_dataset
 from PIL import Image
 
-from conftest import CLASSES, make_dataset
 from tumor_xai.data import DataError, decode_samples, discover, split_train_val
 from tumor_xai.duplicates import group_ids, near_duplicate_pairs, thumbnail
 
@@ -97,6 +97,6 @@ def test_near_duplicates_found_and_distinct_images_not():
     thumbs = np.stack([thumbnail(a[0]), thumbnail(np.clip(a[0] + 0.003, 0, 1)), thumbnail(a[1]), thumbnail(a[2])])
     pairs = near_duplicate_pairs(thumbs)
     assert [(i, j) for i, j, _ in pairs] == [(0, 1)]
-    assert list(group_ids(4, pairs)) [0] == list(group_ids(4, pairs))[1]
+    assert list(group_ids(4, pairs))[0] == list(group_ids(4, pairs))[1]
     cross = near_duplicate_pairs(thumbs[:1], thumbs[1:])
     assert [(i, j) for i, j, _ in cross] == [(0, 0)]

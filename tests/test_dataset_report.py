@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import CLASSES, make_dataset
 from PIL import Image
 
-from conftest import CLASSES, make_dataset
 from tumor_xai.dataset_report import _head_extent, jpeg_quality, main, nearest_mad
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -78,7 +78,10 @@ def test_planted_duplicates_are_found_and_counted(planted):
     assert near["testing_with_training_twin"] == 2
     assert near["testing_with_training_twin_per_class"] == {"glioma": 1, "meningioma": 0, "notumor": 0, "pituitary": 1}
     assert near["duplicate_free_testing"] == 18 - 2
-    assert sorted(near["testing_with_training_twin_files"]) == ["Testing/glioma/Te-gl_planted.jpg", "Testing/pituitary/Te-pi_planted.jpg"]
+    assert sorted(near["testing_with_training_twin_files"]) == [
+        "Testing/glioma/Te-gl_planted.jpg",
+        "Testing/pituitary/Te-pi_planted.jpg",
+    ]
     assert exact["testing_identical_to_training"] == 1  # the re-encoded copy differs in bytes
     assert exact["training_redundant"] == 1
     assert near["training_pairs"] == 1
@@ -88,8 +91,12 @@ def test_planted_duplicates_are_found_and_counted(planted):
 
 def test_cross_class_duplicate_is_listed_by_name(planted):
     s, text = planted["summary"], planted["text"]
-    assert s["near"]["cross_class_across"] == [["Testing/pituitary/Te-pi_planted.jpg", "Training/meningioma/Tr-me_0005.jpg", 0.0]]
-    assert s["exact"]["cross_class_across"] == [["Testing/pituitary/Te-pi_planted.jpg", "Training/meningioma/Tr-me_0005.jpg"]]
+    assert s["near"]["cross_class_across"] == [
+        ["Testing/pituitary/Te-pi_planted.jpg", "Training/meningioma/Tr-me_0005.jpg", 0.0]
+    ]
+    assert s["exact"]["cross_class_across"] == [
+        ["Testing/pituitary/Te-pi_planted.jpg", "Training/meningioma/Tr-me_0005.jpg"]
+    ]
     assert "`Testing/pituitary/Te-pi_planted.jpg`" in text
     assert s["near"]["closest_cross_class_across"][2] == 0.0
 

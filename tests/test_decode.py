@@ -172,7 +172,7 @@ def test_pil_images_and_arrays_are_accepted():
     np.testing.assert_allclose(load_image(np.stack([arr] * 3, axis=2)).gray, arr / 255.0, atol=1e-3)
     rgba = np.dstack([arr, arr, arr, np.zeros_like(arr)])
     assert load_image(rgba).gray.max() == 0.0
-    sixteen = (arr.astype(np.uint16) * 16)  # 12-bit values
+    sixteen = arr.astype(np.uint16) * 16  # 12-bit values
     np.testing.assert_allclose(load_image(sixteen).gray, sixteen / 4095.0, atol=1e-6)
     check_decoded(load_image(Image.fromarray(sixteen)), (32, 40))
 
@@ -365,13 +365,21 @@ def _truncated(data: bytes, keep: float) -> bytes:
         ("notes.jpg", b"patient notes, not an image\n" * 20, "contains text"),
         ("report.jpg", b"%PDF-1.7\n" + b"\x00" * 200, "PDF"),
         ("bundle.png", b"PK\x03\x04" + b"\x00" * 200, "ZIP"),
-        ("cut.jpg", _truncated(encode(Image.fromarray(gradient()), "JPEG"), 0.6), "truncated JPEG: the image data ends early"),
+        (
+            "cut.jpg",
+            _truncated(encode(Image.fromarray(gradient()), "JPEG"), 0.6),
+            "truncated JPEG: the image data ends early",
+        ),
         ("cut.png", _truncated(encode(Image.fromarray(gradient()), "PNG"), 0.6), "truncated PNG"),
         ("header.png", encode(Image.fromarray(gradient()), "PNG")[:20], "truncated PNG: the header ends early"),
         ("header.gif", encode(Image.fromarray(gradient()), "GIF")[:200], "starts like a GIF file but is truncated"),
         ("header.dcm", lambda: dicom_file("MR_small.dcm").read_bytes()[:300], "without image pixels: it is truncated"),
         ("rows.dcm", lambda: dicom_file("MR_small.dcm").read_bytes()[:830], "truncated DICOM file: it ends before its"),
-        ("pixels.dcm", lambda: dicom_file("MR_small.dcm").read_bytes()[:-8200], "pixel data is shorter than its header"),
+        (
+            "pixels.dcm",
+            lambda: dicom_file("MR_small.dcm").read_bytes()[:-8200],
+            "pixel data is shorter than its header",
+        ),
     ],
 )
 def test_bad_files_raise_a_clear_error(tmp_path, name, content, match):

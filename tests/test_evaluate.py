@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from PIL import Image
 
-from conftest import REPO
 from tumor_xai import evaluate as ev
 from tumor_xai.checkpoint import load_weights
 from tumor_xai.data import decode_samples, discover
@@ -39,7 +39,9 @@ def test_corruptions_keep_shape_and_range(name):
 def test_corruption_details():
     gray = _gray()
     flat = adjust_contrast(gray, 0.7)
-    assert flat.mean() == pytest.approx(gray.mean(), abs=1e-5) and flat.std() == pytest.approx(0.7 * gray.std(), rel=1e-4)
+    assert flat.mean() == pytest.approx(gray.mean(), abs=1e-5) and flat.std() == pytest.approx(
+        0.7 * gray.std(), rel=1e-4
+    )
     assert np.array_equal(gaussian_noise(gray, 0.05, seed=1), gaussian_noise(gray, 0.05, seed=1))
     assert not np.array_equal(gaussian_noise(gray, 0.05, seed=1), gaussian_noise(gray, 0.05, seed=2))
     assert (gaussian_noise(gray, 0.05, 0) - gray).std() == pytest.approx(0.05, rel=0.1)
@@ -115,12 +117,12 @@ def test_batched_inference_matches_the_predictor(tiny_dataset, tiny_weights):
     split = decode_samples(samples, weights.preprocess.input_size)
     probs = ev.predict_probabilities(weights.model, split.images, weights.preprocess, temperature=1.7, batch_size=4)
     predictor.temperature = 1.7
-    for p, s in zip(probs, samples):
+    for p, s in zip(probs, samples, strict=False):
         single = predictor.predict(s.path).probabilities
         np.testing.assert_allclose(p, [single[c] for c in weights.class_names], atol=1e-5)
     # Corrupted images go through the same path: corrupt the decoded image, then fit_square.
     noisy = ev.predict_corrupted(weights.model, samples[:2], "noise_0.05", weights.preprocess, 1.7, batch_size=2)
-    for i, (p, s) in enumerate(zip(noisy, samples[:2])):
+    for i, (p, s) in enumerate(zip(noisy, samples[:2], strict=False)):
         single = predictor.predict(corrupt("noise_0.05", load_image(s.path).gray, seed=i)).probabilities
         np.testing.assert_allclose(p, [single[c] for c in weights.class_names], atol=1e-5)
 
@@ -161,10 +163,32 @@ def _write_masks(data: Path, out: Path, n_per_class: int = 2) -> Path:
 def test_cli_writes_every_file(tiny_dataset, tiny_weights, tmp_path, capsys):
     masks = _write_masks(tiny_dataset, tmp_path / "masks")
     out = tmp_path / "eval"
-    argv = ["--data", str(tiny_dataset), "--weights", str(tiny_weights), "--out", str(out), "--localization",
-            "--masks", str(masks), "--methods", "gradcam,gradcam++", "--batch-size", "8", "--record"]
+    argv = [
+        "--data",
+        str(tiny_dataset),
+        "--weights",
+        str(tiny_weights),
+        "--out",
+        str(out),
+        "--localization",
+        "--masks",
+        str(masks),
+        "--methods",
+        "gradcam,gradcam++",
+        "--batch-size",
+        "8",
+        "--record",
+    ]
     assert ev.main(argv) == 0
-    for name in ("metrics.json", "confusion_matrix.json", "confusion_matrix.png", "reliability.png", "roc.png", "report.md", "config.json"):
+    for name in (
+        "metrics.json",
+        "confusion_matrix.json",
+        "confusion_matrix.png",
+        "reliability.png",
+        "roc.png",
+        "report.md",
+        "config.json",
+    ):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     m = json.loads((out / "metrics.json").read_text())
     assert {"weights", "data", "class_names", "official", "deduplicated", "stress", "localization"} <= set(m)
@@ -172,13 +196,20 @@ def test_cli_writes_every_file(tiny_dataset, tiny_weights, tmp_path, capsys):
     for key in ("accuracy", "per_class", "macro_f1", "confusion_matrix", "tumor", "roc_auc", "ece", "nll"):
         assert key in m["official"], key
     assert {"argmax", "threshold"} <= set(m["official"]["tumor"])
-    assert m["deduplicated"]["removed"] == 16 - m["deduplicated"]["n"] and "near_duplicate_pairs" in m["deduplicated"]["method"]
+    assert (
+        m["deduplicated"]["removed"] == 16 - m["deduplicated"]["n"]
+        and "near_duplicate_pairs" in m["deduplicated"]["method"]
+    )
     assert set(m["stress"]) == set(CORRUPTIONS)
     assert all(0 <= s["accuracy"] <= 1 and s["tumor_sensitivity_argmax"] is not None for s in m["stress"].values())
     loc = m["localization"]
     assert loc["n_images"] == 6
     assert [(r["method"], r["layer"]) for r in loc["results"]] == [
-        ("gradcam", "layer4"), ("gradcam", "layer3"), ("gradcam++", "layer4"), ("gradcam++", "layer3")]
+        ("gradcam", "layer4"),
+        ("gradcam", "layer3"),
+        ("gradcam++", "layer4"),
+        ("gradcam++", "layer3"),
+    ]
     for r in loc["results"]:
         for target in ("true", "predicted"):
             assert 0 <= r[target]["pointing"] <= 1 and 0 <= r[target]["mass_in_mask"] <= 1
@@ -207,7 +238,7 @@ def test_localization_explains_true_and_predicted_class(tiny_dataset, tiny_weigh
     def stub(model, x, targets, method="gradcam", layer="layer4"):
         calls.append(len(x))
         out = np.zeros((len(x), 64, 64), np.float32)
-        for k, (xk, t) in enumerate(zip(x, targets.tolist())):
+        for k, (xk, t) in enumerate(zip(x, targets.tolist(), strict=False)):
             i = next(i for i in idx if torch.equal(inputs[i], xk))
             if t == test.labels[i]:
                 out[k] = masks[i]
@@ -237,8 +268,19 @@ def test_cli_bad_paths_exit_2_with_one_message(tiny_dataset, tiny_weights, tmp_p
 
 
 def test_cli_rejects_unknown_method_before_running(tiny_dataset, tiny_weights, tmp_path, capsys):
-    argv = ["--data", str(tiny_dataset), "--weights", str(tiny_weights), "--out", str(tmp_path / "o"),
-            "--localization", "--masks", str(tmp_path), "--methods", "gradcam,magic"]
+    argv = [
+        "--data",
+        str(tiny_dataset),
+        "--weights",
+        str(tiny_weights),
+        "--out",
+        str(tmp_path / "o"),
+        "--localization",
+        "--masks",
+        str(tmp_path),
+        "--methods",
+        "gradcam,magic",
+    ]
     assert ev.main(argv) == 2
     assert "unknown explanation method 'magic'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
@@ -268,8 +310,10 @@ def test_shipped_weights_keep_their_recorded_accuracy(shipped_official):
     metrics, meta = shipped_official
     recorded = (meta.get("metrics") or {}).get("official", {}).get("accuracy")
     if recorded is None:
-        pytest.fail("weights/model.json records no metrics.official.accuracy: run "
-                    "`python -m tumor_xai.evaluate --data DATA --out DIR --record`")
+        pytest.fail(
+            "weights/model.json records no metrics.official.accuracy: run "
+            "`python -m tumor_xai.evaluate --data DATA --out DIR --record`"
+        )
     assert metrics["accuracy"] >= recorded - 0.002
 
 
@@ -282,8 +326,11 @@ def _trained_on_cpu() -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(_trained_on_cpu(), strict=False,
-                   reason="the shipped weights were trained on CPU in a short session; GPU retraining for the 99.6 % bar is pending")
+@pytest.mark.xfail(
+    _trained_on_cpu(),
+    strict=False,
+    reason="the shipped weights were trained on CPU in a short session; GPU retraining for the 99.6 % bar is pending",
+)
 def test_official_accuracy_bar(shipped_official):
     metrics, _ = shipped_official
     assert metrics["accuracy"] >= 0.996

@@ -90,10 +90,17 @@ def test_detector_round_trips_through_a_weights_folder(tmp_path):
     train, labels = _gaussian_features(100, 0.0, 0), torch.zeros(100, dtype=torch.long)
     extras, meta = ood.fit(train, labels, _gaussian_features(30, 0.0, 1))
     model = build_model("resnet18", 2)
-    save_weights(model, tmp_path, {"arch": "resnet18", "class_names": ["a", "b"], "preprocessing": {"input_size": 64}, "ood": meta}, extras=extras)
+    save_weights(
+        model,
+        tmp_path,
+        {"arch": "resnet18", "class_names": ["a", "b"], "preprocessing": {"input_size": 64}, "ood": meta},
+        extras=extras,
+    )
     loaded = load_weights(tmp_path)
     detector = ood.OodDetector.from_weights(loaded.extras, loaded.metadata)
-    assert torch.allclose(detector.distance(train[:5]), ood.OodDetector.from_weights(extras, {"ood": meta}).distance(train[:5]))
+    assert torch.allclose(
+        detector.distance(train[:5]), ood.OodDetector.from_weights(extras, {"ood": meta}).distance(train[:5])
+    )
     assert ood.OodDetector.from_weights(loaded.extras, {}) is None
     with pytest.raises(ValueError, match="incomplete.*tumor_xai.ood"):
         ood.OodDetector.from_weights({}, loaded.metadata)

@@ -6,9 +6,9 @@ import csv
 
 import numpy as np
 import pytest
+from conftest import CLASSES, synthetic_slice
 from PIL import Image
 
-from conftest import CLASSES, synthetic_slice
 from tumor_xai import predict
 
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import CLASSES, make_weights, synthetic_slice
 from PIL import Image
 
-from conftest import CLASSES, make_weights, synthetic_slice
 from tumor_xai import ood
 from tumor_xai.checkpoint import save_weights
 from tumor_xai.decode import InvalidImageError, load_image
@@ -71,7 +71,10 @@ def test_every_input_kind_gives_the_same_answer(predictor, tmp_path):
     Image.fromarray(array).save(path)
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")
-    results = [predictor.predict(src, explain=True) for src in (array, Image.fromarray(array), path, str(path), buf.getvalue(), load_image(array))]
+    results = [
+        predictor.predict(src, explain=True)
+        for src in (array, Image.fromarray(array), path, str(path), buf.getvalue(), load_image(array))
+    ]
     for r in results[1:]:
         assert r.probabilities == pytest.approx(results[0].probabilities)
         np.testing.assert_allclose(r.heatmap, results[0].heatmap, atol=1e-6)
@@ -79,7 +82,9 @@ def test_every_input_kind_gives_the_same_answer(predictor, tmp_path):
 
 def test_target_class_and_options(predictor):
     image = slice_()
-    p = predictor.predict(image, explain=True, target="pituitary", method="gradcam++", layer="layer3", colormap="viridis", alpha=0.7)
+    p = predictor.predict(
+        image, explain=True, target="pituitary", method="gradcam++", layer="layer3", colormap="viridis", alpha=0.7
+    )
     assert p.target == "pituitary" and p.method == "gradcam++" and p.heatmap.shape == (64, 64)
     assert predictor.predict(image).heatmap is None
     with pytest.raises(ValueError, match="unknown target class 'cat'; choose one of glioma, meningioma"):
@@ -95,12 +100,15 @@ def test_target_class_and_options(predictor):
 def test_concurrent_requests_equal_serial_ones(predictor):
     torch.set_num_threads(1)  # 8 threads x intra-op threads would only thrash a small CI machine
     try:
-        jobs = [(slice_(56 + 4 * i, 64, seed=i), m) for i, m in enumerate(["gradcam", "gradcam++", "layercam", "eigencam"] * 2)]
+        jobs = [
+            (slice_(56 + 4 * i, 64, seed=i), m)
+            for i, m in enumerate(["gradcam", "gradcam++", "layercam", "eigencam"] * 2)
+        ]
         serial = [predictor.predict(img, explain=True, method=m) for img, m in jobs]
         with ThreadPoolExecutor(8) as pool:
             for _ in range(2):
                 futures = [pool.submit(predictor.predict, img, explain=True, method=m) for img, m in jobs * 2]
-                for f, s in zip(futures, serial * 2):
+                for f, s in zip(futures, serial * 2, strict=False):
                     r = f.result()
                     assert r.probabilities == pytest.approx(s.probabilities, abs=1e-6)
                     np.testing.assert_allclose(r.heatmap, s.heatmap, atol=1e-5)
@@ -133,10 +141,10 @@ SQUARE_CLASSES = ["notumor", "square"]
 SQUARE_INPUT = 96  # a 3 x 3 last-block grid: at 64 px (2 x 2) briefly trained cells are too coarse to trust
 
 
-def _square_image(rng: np.random.Generator, h: int, w: int, quadrant: int | None) -> tuple[np.ndarray, tuple[int, int, int] | None]:
-    """Dim noise; positives add a bright square centred (with jitter) in one quadrant of the padded canvas.
-
-    """
+def _square_image(
+    rng: np.random.Generator, h: int, w: int, quadrant: int | None
+) -> tuple[np.ndarray, tuple[int, int, int] | None]:
+    """Dim noise; positives add a bright square centred (with jitter) in one quadrant of the padded canvas."""
     a = rng.normal(0.25, 0.04, (h, w)).clip(0, 1).astype(np.float32)
     if quadrant is None:
         return a, None
@@ -167,15 +175,22 @@ def square_predictor(tmp_path_factory) -> Predictor:
             labels = rng.integers(0, 2, 32)
             shapes = [(64, 64) if step % 2 else ((64, 96) if rng.random() < 0.5 else (96, 64)) for _ in labels]
             quadrants = [int(rng.integers(0, 4)) if lab else None for lab in labels]
-            squares = [fit_square(_square_image(rng, h, w, q)[0], SQUARE_INPUT)[0] for (h, w), q in zip(shapes, quadrants)]
-            loss = F.cross_entropy(model(normalize(torch.from_numpy(np.stack(squares))[:, None], cfg)), torch.from_numpy(labels))
+            squares = [
+                fit_square(_square_image(rng, h, w, q)[0], SQUARE_INPUT)[0]
+                for (h, w), q in zip(shapes, quadrants, strict=False)
+            ]
+            loss = F.cross_entropy(
+                model(normalize(torch.from_numpy(np.stack(squares))[:, None], cfg)), torch.from_numpy(labels)
+            )
             opt.zero_grad()
             loss.backward()
             opt.step()
     finally:
         torch.set_num_threads(threads)
     folder = tmp_path_factory.mktemp("square-weights")
-    save_weights(model.eval(), folder, {"arch": "resnet18", "class_names": SQUARE_CLASSES, "preprocessing": cfg.to_dict()})
+    save_weights(
+        model.eval(), folder, {"arch": "resnet18", "class_names": SQUARE_CLASSES, "preprocessing": cfg.to_dict()}
+    )
     return Predictor.from_pretrained(folder)
 
 
@@ -190,7 +205,9 @@ def test_heatmap_peak_sits_on_the_square_wherever_it_is(square_predictor, h, w):
         assert p.heatmap.shape == (h, w)
         assert p.probabilities["square"] > 0.9
         inside = p.heatmap[y : y + side, x : x + side].mean()
-        assert inside > 1.5 * p.heatmap.mean(), f"square at {(y, x, side)} in {h}x{w}: inside {inside:.2f}, overall {p.heatmap.mean():.2f}"
+        assert inside > 1.5 * p.heatmap.mean(), (
+            f"square at {(y, x, side)} in {h}x{w}: inside {inside:.2f}, overall {p.heatmap.mean():.2f}"
+        )
         py, px = np.unravel_index(p.heatmap.argmax(), p.heatmap.shape)
         # The peak, taken back to the padded canvas, falls in the square's quadrant.
         peak_quadrant = 2 * int(py + top >= canvas / 2) + int(px + left >= canvas / 2)

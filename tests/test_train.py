@@ -23,7 +23,14 @@ def trained(tiny_dataset, tmp_path_factory):
 
 
 def test_smoke_run_writes_a_loadable_calibrated_folder(trained, tiny_dataset):
-    for name in ("model.safetensors", "model.json", "config.json", "log.json", "last/train_state.pt", "best/model.json"):
+    for name in (
+        "model.safetensors",
+        "model.json",
+        "config.json",
+        "log.json",
+        "last/train_state.pt",
+        "best/model.json",
+    ):
         assert (trained / name).is_file(), name
     log = json.loads((trained / "log.json").read_text())
     assert [e["epoch"] for e in log] == [1, 2] and {"train_loss", "train_acc", "val_loss", "val_acc"} <= set(log[0])
@@ -92,8 +99,20 @@ def test_schedule_warms_up_then_decays_to_zero():
 def test_torchrun_two_processes_with_gloo(tiny_dataset, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "tumor_xai.train", "--data", str(tiny_dataset), "--out", str(out), *SMOKE]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "tumor_xai.train",
+        "--data",
+        str(tiny_dataset),
+        "--out",
+        str(out),
+        *SMOKE,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout

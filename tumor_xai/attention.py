@@ -85,7 +85,9 @@ def load_training_masks(masks_dir: str | Path, data_root: str | Path, paths: lis
     table = _read_table(masks_dir)
     jobs = [(i, table[key]) for i, p in enumerate(paths) if (key := Path(p).relative_to(data_root).as_posix()) in table]
     if not jobs:
-        raise DataError(f"None of the masks listed in {masks_dir / 'masks.csv'} belongs to an image under {data_root}: check --masks and --data.")
+        raise DataError(
+            f"None of the masks listed in {masks_dir / 'masks.csv'} belongs to an image under {data_root}: check --masks and --data."
+        )
 
     def read(job: tuple[int, Path]) -> np.ndarray:
         i, mask_path = job
@@ -95,7 +97,9 @@ def load_training_masks(masks_dir: str | Path, data_root: str | Path, paths: lis
         with Image.open(paths[i]) as im:
             width, height = im.size
         if mask.shape != (height, width):
-            raise DataError(f"Mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image {paths[i]} is {width}x{height}.")
+            raise DataError(
+                f"Mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image {paths[i]} is {width}x{height}."
+            )
         if not (mask > 127).any():
             raise DataError(f"Mask {mask_path} is empty.")
         square, _ = fit_square((mask > 127).astype(np.float32), size)
@@ -104,13 +108,15 @@ def load_training_masks(masks_dir: str | Path, data_root: str | Path, paths: lis
     out = np.zeros((len(paths), size, size), dtype=np.uint8)
     has = np.zeros(len(paths), dtype=bool)
     with ThreadPoolExecutor(4) as pool:
-        for (i, _), square in zip(jobs, pool.map(read, jobs)):
+        for (i, _), square in zip(jobs, pool.map(read, jobs), strict=False):
             out[i], has[i] = square, True
     logger.info("matched %d masks to %d images", len(jobs), len(paths))
     return TrainingMasks(out, has)
 
 
-def class_activation_map(fmap: torch.Tensor, fc_weight: torch.Tensor, targets: torch.Tensor, relu: bool = True) -> torch.Tensor:
+def class_activation_map(
+    fmap: torch.Tensor, fc_weight: torch.Tensor, targets: torch.Tensor, relu: bool = True
+) -> torch.Tensor:
     """``ReLU(sum_k w[t, k] A_k)`` as float32 ``(N, h, w)``: Grad-CAM on the last block of a GAP + linear head."""
     weights = fc_weight.float()[targets.long()]
     cam = torch.einsum("nkhw,nk->nhw", fmap.float(), weights)

@@ -71,13 +71,13 @@ class AugmentConfig:
         return asdict(self)
 
     @classmethod
-    def preset(cls, name: str) -> "AugmentConfig":
+    def preset(cls, name: str) -> AugmentConfig:
         """The named recipe: ``basic`` (default), ``strong`` or ``none``."""
         if name not in PRESETS:
             raise ValueError(f"unknown augmentation recipe {name!r}; choose one of {sorted(PRESETS)}")
         return PRESETS[name]
 
-    def with_overrides(self, overrides: dict[str, float]) -> "AugmentConfig":
+    def with_overrides(self, overrides: dict[str, float]) -> AugmentConfig:
         """A copy with some strengths changed; unknown names raise ``ValueError`` listing the valid ones."""
         valid = {f.name for f in fields(self)}
         unknown = sorted(set(overrides) - valid)
@@ -92,9 +92,19 @@ class AugmentConfig:
 PRESETS: dict[str, AugmentConfig] = {
     "basic": AugmentConfig(),
     "strong": AugmentConfig(
-        scale=0.10, translate=0.10, brightness=0.10, contrast=0.5, gamma=0.8,
-        frame=0.25, aspect=0.10, curve=0.6, invert=0.2, bias_field=0.4,
-        resolution=2.0, blur=1.5, noise=0.04,
+        scale=0.10,
+        translate=0.10,
+        brightness=0.10,
+        contrast=0.5,
+        gamma=0.8,
+        frame=0.25,
+        aspect=0.10,
+        curve=0.6,
+        invert=0.2,
+        bias_field=0.4,
+        resolution=2.0,
+        blur=1.5,
+        noise=0.04,
     ),
     "none": AugmentConfig(rotate_deg=0.0, scale=0.0, translate=0.0, hflip=0.0, brightness=0.0, contrast=0.0, gamma=0.0),
 }
@@ -259,7 +269,11 @@ def photometric(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torc
 def _push_pull(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Fill where ``weights`` is 0 from the surroundings: pull averages down a pyramid, push them back up."""
     if min(values.shape[-2:]) <= 2 or values.shape[-1] % 2 or values.shape[-2] % 2:
-        return values.sum((2, 3), keepdim=True) / weights.sum((2, 3), keepdim=True).clamp_min(1e-6) * torch.ones_like(values)
+        return (
+            values.sum((2, 3), keepdim=True)
+            / weights.sum((2, 3), keepdim=True).clamp_min(1e-6)
+            * torch.ones_like(values)
+        )
     coarse = _push_pull(F.avg_pool2d(values, 2), F.avg_pool2d(weights, 2))
     up = F.interpolate(coarse, scale_factor=2, mode="bilinear", align_corners=False)
     fine = values / weights.clamp_min(1e-6)

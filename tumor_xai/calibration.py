@@ -59,7 +59,10 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
         logger.warning("temperature %.3g sits at the search bound: the validation set cannot pin it down", temperature)
     logger.info(
         "temperature %.4f: NLL %.4f -> %.4f on %d samples",
-        temperature, objective(0.0), float(result.fun), len(labels),
+        temperature,
+        objective(0.0),
+        float(result.fun),
+        len(labels),
     )
     return temperature
 
@@ -97,6 +100,9 @@ def choose_threshold(
     threshold = min(float(scores[k - 1]), ceiling)
     logger.info(
         "threshold %.6f flags %d/%d tumour slices (target sensitivity %.3f)",
-        threshold, int(np.sum(scores >= threshold)), scores.size, sensitivity,
+        threshold,
+        int(np.sum(scores >= threshold)),
+        scores.size,
+        sensitivity,
     )
     return threshold

@@ -175,18 +175,27 @@ def load_weights(path: str | Path | None = None, device: str | torch.device = "c
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise WeightsError(_fix(f"{METADATA_FILE} is not valid JSON ({exc})", folder)) from exc
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-        raise WeightsError(_fix(f"{METADATA_FILE} has an unsupported format_version {meta.get('format_version') if isinstance(meta, dict) else None!r}", folder))
+        raise WeightsError(
+            _fix(
+                f"{METADATA_FILE} has an unsupported format_version {meta.get('format_version') if isinstance(meta, dict) else None!r}",
+                folder,
+            )
+        )
     missing = [k for k in ("arch", "class_names", "preprocessing", "weights_sha256") if k not in meta]
     if missing:
         raise WeightsError(_fix(f"{METADATA_FILE} lacks {', '.join(missing)}", folder))
     if _sha256(weights_path) != meta["weights_sha256"]:
-        raise WeightsError(_fix(f"{WEIGHTS_FILE} does not match the checksum in {METADATA_FILE} (damaged or swapped file)", folder))
+        raise WeightsError(
+            _fix(f"{WEIGHTS_FILE} does not match the checksum in {METADATA_FILE} (damaged or swapped file)", folder)
+        )
     try:
         tensors = load_file(str(weights_path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
         raise WeightsError(_fix(f"{WEIGHTS_FILE} cannot be read ({exc})", folder)) from exc
-    extras = {k[len(EXTRA_PREFIX):]: v.float() for k, v in tensors.items() if k.startswith(EXTRA_PREFIX)}
-    state = {k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items() if not k.startswith(EXTRA_PREFIX)}
+    extras = {k[len(EXTRA_PREFIX) :]: v.float() for k, v in tensors.items() if k.startswith(EXTRA_PREFIX)}
+    state = {
+        k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items() if not k.startswith(EXTRA_PREFIX)
+    }
     try:
         model = build_model(meta["arch"], len(meta["class_names"]), in_chans=meta.get("in_chans", 1))
     except ValueError as exc:
@@ -194,6 +203,11 @@ def load_weights(path: str | Path | None = None, device: str | torch.device = "c
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise WeightsError(_fix(f"the tensors do not fit a {meta['arch']} with {len(meta['class_names'])} classes ({str(exc).splitlines()[0]})", folder)) from exc
+        raise WeightsError(
+            _fix(
+                f"the tensors do not fit a {meta['arch']} with {len(meta['class_names'])} classes ({str(exc).splitlines()[0]})",
+                folder,
+            )
+        ) from exc
     model.eval().to(device)
     return LoadedWeights(model, meta, extras, folder)

@@ -90,7 +90,9 @@ def discover(root: str | Path, splits: tuple[str, ...] = SPLITS) -> KaggleDatase
             class_names = names
         elif names != class_names:
             missing = sorted(set(class_names) ^ set(names))
-            raise DataError(f"{split_dir} has classes {names} but {splits[0]} has {class_names}: check folder(s) {missing}.")
+            raise DataError(
+                f"{split_dir} has classes {names} but {splits[0]} has {class_names}: check folder(s) {missing}."
+            )
         samples: list[Sample] = []
         for label, name in enumerate(names):
             class_dir = split_dir / name
@@ -121,13 +123,15 @@ def decode_samples(samples: list[Sample], size: int, skip_unreadable: bool = Fal
             return _decode_one(s, size)
         except InvalidImageError as exc:
             if not skip_unreadable:
-                raise DataError(f"Unreadable image {s.path}: {exc} (pass --skip-unreadable to leave such files out).") from exc
+                raise DataError(
+                    f"Unreadable image {s.path}: {exc} (pass --skip-unreadable to leave such files out)."
+                ) from exc
             return exc
 
     with ThreadPoolExecutor(workers) as pool:
         results = list(pool.map(work, samples))
-    keep = [(s, r) for s, r in zip(samples, results) if not isinstance(r, Exception)]
-    skipped = [(s.path, str(r)) for s, r in zip(samples, results) if isinstance(r, Exception)]
+    keep = [(s, r) for s, r in zip(samples, results, strict=False) if not isinstance(r, Exception)]
+    skipped = [(s.path, str(r)) for s, r in zip(samples, results, strict=False) if isinstance(r, Exception)]
     for path, why in skipped:
         logger.warning("skipped %s: %s", path, why)
     if not keep:
@@ -141,7 +145,9 @@ def decode_samples(samples: list[Sample], size: int, skip_unreadable: bool = Fal
     )
 
 
-def split_train_val(labels: np.ndarray, thumbs: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def split_train_val(
+    labels: np.ndarray, thumbs: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Seeded, stratified train/validation indices in which near-duplicates never straddle the split.
 
     Near-duplicate images are grouped (see :mod:`tumor_xai.duplicates`) and whole groups go to one

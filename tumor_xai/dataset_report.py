@@ -277,7 +277,7 @@ def plot_mean_differences(mean: np.ndarray, class_names: list[str], out: Path) -
     nrows = int(np.ceil(len(pairs) / ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.0 * ncols, 3.0 * nrows), squeeze=False)
     im = None
-    for ax, (a, b), d in zip(axes.flat, pairs, diffs):
+    for ax, (a, b), d in zip(axes.flat, pairs, diffs, strict=False):
         im = ax.imshow(d, cmap="RdBu_r", vmin=-vmax, vmax=vmax)
         ax.set_title(f"{class_names[a]} − {class_names[b]}", fontsize=9)
         ax.axis("off")
@@ -293,7 +293,7 @@ def plot_histograms(hists: dict[str, np.ndarray], class_names: list[str], out: P
     colors = _class_colors(len(class_names))
     fig, (ax_all, ax_fg) = plt.subplots(1, 2, figsize=(11, 3.8))
     levels = np.arange(256)
-    for split, style in zip(SPLITS, ("-", "--")):
+    for split, style in zip(SPLITS, ("-", "--"), strict=False):
         for c, name in enumerate(class_names):
             h = hists[split][c].astype(np.float64)
             if h.sum() == 0:
@@ -319,7 +319,9 @@ def _varies(v: np.ndarray) -> bool:
     return bool(len(v)) and float(v.max()) > float(v.min())
 
 
-def plot_quality(stats: dict[str, dict[str, np.ndarray]], labels: dict[str, np.ndarray], class_names: list[str], out: Path) -> str:
+def plot_quality(
+    stats: dict[str, dict[str, np.ndarray]], labels: dict[str, np.ndarray], class_names: list[str], out: Path
+) -> str:
     # a statistic with one value everywhere (e.g. a JPEG quality every file shares) gets no panel
     keys = [k for k in STAT_LABELS if _varies(np.concatenate([stats[s][k] for s in SPLITS]))]
     ncols = int(np.ceil(len(keys) / 2))
@@ -327,7 +329,7 @@ def plot_quality(stats: dict[str, dict[str, np.ndarray]], labels: dict[str, np.n
     for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
     colors = _class_colors(len(class_names))
-    for ax, key in zip(axes.flat, keys):
+    for ax, key in zip(axes.flat, keys, strict=False):
         data, pos, cols = [], [], []
         for c in range(len(class_names)):
             for k, split in enumerate(SPLITS):
@@ -336,8 +338,10 @@ def plot_quality(stats: dict[str, dict[str, np.ndarray]], labels: dict[str, np.n
                 data.append(v if len(v) else np.array([np.nan]))
                 pos.append(c * 3 + k)
                 cols.append(colors[c])
-        bp = ax.boxplot(data, positions=pos, widths=0.8, patch_artist=True, showfliers=True, flierprops={"markersize": 1.5})
-        for patch, col, p in zip(bp["boxes"], cols, pos):
+        bp = ax.boxplot(
+            data, positions=pos, widths=0.8, patch_artist=True, showfliers=True, flierprops={"markersize": 1.5}
+        )
+        for patch, col, p in zip(bp["boxes"], cols, pos, strict=False):
             patch.set_facecolor(col)
             patch.set_alpha(0.85 if p % 3 == 0 else 0.35)  # Training solid, Testing pale
         ax.set_xticks([c * 3 + 0.5 for c in range(len(class_names))], class_names, fontsize=8)
@@ -358,7 +362,12 @@ def plot_nearest(nearest: np.ndarray, nearest_other: np.ndarray, threshold: floa
     hi = float(finite.max()) if len(finite) else threshold * 10
     bins = np.geomspace(lo * 0.99, max(hi, lo * 10) * 1.01, 60)
     zeros = int(np.sum(nearest == 0))
-    ax.hist(nearest[nearest > 0], bins=bins, color="tab:gray", label=f"nearest Training image ({zeros} more at 0: byte-identical)")
+    ax.hist(
+        nearest[nearest > 0],
+        bins=bins,
+        color="tab:gray",
+        label=f"nearest Training image ({zeros} more at 0: byte-identical)",
+    )
     ax.hist(nearest_other[np.isfinite(nearest_other) & (nearest_other > 0)], bins=bins, histtype="step",
             color="tab:purple", lw=1.5, label="nearest Training image with a different label")  # fmt: skip
     ax.axvline(threshold, color="tab:red", ls="--", label=f"duplicate threshold {threshold:g}")
@@ -374,8 +383,8 @@ def plot_pairs(examples: list[tuple[np.ndarray, str, np.ndarray, str, str]], out
     """``examples``: (image A, caption A, image B, caption B, row title)."""
     n = max(1, len(examples))
     fig, axes = plt.subplots(n, 2, figsize=(5.6, 2.9 * n), squeeze=False)
-    for row, (a, cap_a, b, cap_b, title) in zip(axes, examples):
-        for ax, im, cap in zip(row, (a, b), (cap_a, cap_b)):
+    for row, (a, cap_a, b, cap_b, title) in zip(axes, examples, strict=False):
+        for ax, im, cap in zip(row, (a, b), (cap_a, cap_b), strict=False):
             ax.imshow(im, cmap="gray", vmin=0, vmax=255)
             ax.set_title(cap, fontsize=7)
             ax.axis("off")
@@ -409,7 +418,11 @@ def _median_iqr(v: np.ndarray, fmt: str) -> str:
 
 
 def _pick_examples(
-    dup: DuplicateCensus, ds: KaggleDataset, dec: dict[str, DecodedSplit], files: dict[str, list[FileInfo]], max_examples: int
+    dup: DuplicateCensus,
+    ds: KaggleDataset,
+    dec: dict[str, DecodedSplit],
+    files: dict[str, list[FileInfo]],
+    max_examples: int,
 ) -> list[tuple[np.ndarray, str, np.ndarray, str, str]]:
     """Cross-class pairs first, then split-crossing pairs across the range of MAD (a byte-identical one, the
     closest and the furthest re-encoded ones, one in between), then the closest pair that is *not* counted,
@@ -418,20 +431,36 @@ def _pick_examples(
         return []
     tr, te = dec["Training"], dec["Testing"]
     cands: list[tuple[str, int, str, int, float, str]] = []
-    cands += [("Testing", i, "Training", j, d, "cross-class, across split") for i, j, d in dup.near_across if te.labels[i] != tr.labels[j]]
-    cands += [("Training", i, "Training", j, d, "cross-class, within Training") for i, j, d in dup.near_train if tr.labels[i] != tr.labels[j]]
+    cands += [
+        ("Testing", i, "Training", j, d, "cross-class, across split")
+        for i, j, d in dup.near_across
+        if te.labels[i] != tr.labels[j]
+    ]
+    cands += [
+        ("Training", i, "Training", j, d, "cross-class, within Training")
+        for i, j, d in dup.near_train
+        if tr.labels[i] != tr.labels[j]
+    ]
     exact = [(i, j, d) for i, j, d in dup.near_across if files["Testing"][i].sha256 == files["Training"][j].sha256]
     cands += [("Testing", i, "Training", j, d, "byte-identical, across split") for i, j, d in exact[:1]]
-    reencoded = sorted((p for p in dup.near_across if files["Testing"][p[0]].sha256 != files["Training"][p[1]].sha256), key=lambda p: p[2])
+    reencoded = sorted(
+        (p for p in dup.near_across if files["Testing"][p[0]].sha256 != files["Training"][p[1]].sha256),
+        key=lambda p: p[2],
+    )
     if reencoded:
         picks = sorted({0, len(reencoded) - 1, len(reencoded) // 2, (3 * len(reencoded)) // 4})
-        cands += [("Testing", reencoded[k][0], "Training", reencoded[k][1], reencoded[k][2], "re-encoded copy, across split") for k in picks]
+        cands += [
+            ("Testing", reencoded[k][0], "Training", reencoded[k][1], reencoded[k][2], "re-encoded copy, across split")
+            for k in picks
+        ]
     # keep the last row for the closest pair that is not counted
     chosen = cands[: max(1, max_examples - 1)]
     above = np.flatnonzero(dup.nearest >= dup.threshold)
     if len(above) and len(chosen) < max_examples:
         i = int(above[np.argmin(dup.nearest[above])])
-        chosen.append(("Testing", i, "Training", int(dup.nearest_index[i]), float(dup.nearest[i]), "closest pair NOT counted"))
+        chosen.append(
+            ("Testing", i, "Training", int(dup.nearest_index[i]), float(dup.nearest[i]), "closest pair NOT counted")
+        )
     out = []
     for sa, ia, sb, ib, d, kind in chosen:
         a, b = dec[sa], dec[sb]
@@ -524,7 +553,9 @@ def _summarise(ds, dec, files, counts, stats, dup: DuplicateCensus) -> dict:
             "testing_redundant": int(sum(len(g) - 1 for g in dup.exact_test)),
             "testing_identical_to_training": len(exact_test_ids),
             "cross_class_training": [[_rel(tr.paths[k], ds.root) for k in g] for g in cross_exact_train],
-            "cross_class_across": [[_rel(te.paths[i], ds.root), _rel(tr.paths[j], ds.root)] for i, j in cross_exact_across],
+            "cross_class_across": [
+                [_rel(te.paths[i], ds.root), _rel(tr.paths[j], ds.root)] for i, j in cross_exact_across
+            ],
         },
         "near": {
             "training_pairs": len(dup.near_train),
@@ -547,8 +578,16 @@ def _summarise(ds, dec, files, counts, stats, dup: DuplicateCensus) -> dict:
             ],
         },
         "median_stats": {
-            s: {names[c]: {k: float(np.nanmedian(v[dec[s].labels == c])) if np.any(np.isfinite(v[dec[s].labels == c])) else None
-                           for k, v in stats[s].items()} for c in range(len(names)) if counts[s][c]}
+            s: {
+                names[c]: {
+                    k: float(np.nanmedian(v[dec[s].labels == c]))
+                    if np.any(np.isfinite(v[dec[s].labels == c]))
+                    else None
+                    for k, v in stats[s].items()
+                }
+                for c in range(len(names))
+                if counts[s][c]
+            }
             for s in SPLITS
         },  # fmt: skip
     }
@@ -569,8 +608,13 @@ def _markdown(ds, dec, files, counts, stats, dup: DuplicateCensus, figs, summary
     )
 
     add("## 1. Images per class and split\n")
-    rows = [[names[c], counts["Training"][c], counts["Testing"][c], counts["Training"][c] + counts["Testing"][c]] for c in range(n_cls)]
-    rows.append(["**total**", sum(counts["Training"]), sum(counts["Testing"]), sum(counts["Training"]) + sum(counts["Testing"])])
+    rows = [
+        [names[c], counts["Training"][c], counts["Testing"][c], counts["Training"][c] + counts["Testing"][c]]
+        for c in range(n_cls)
+    ]
+    rows.append(
+        ["**total**", sum(counts["Training"]), sum(counts["Testing"]), sum(counts["Training"]) + sum(counts["Testing"])]
+    )
     add(_table(["class", "Training", "Testing", "total"], rows) + "\n")
     add(f"![Images per class and split]({figs['counts']})\n")
 
@@ -579,11 +623,14 @@ def _markdown(ds, dec, files, counts, stats, dup: DuplicateCensus, figs, summary
     for s in SPLITS:
         for f in files[s]:
             combos[(s, f.format, f.mode, f"{f.width}×{f.height}")] += 1
-    add(_table(["split", "format", "PIL mode", "size (W×H)", "files"], [[*k, v] for k, v in sorted(combos.items())]) + "\n")
+    add(
+        _table(["split", "format", "PIL mode", "size (W×H)", "files"], [[*k, v] for k, v in sorted(combos.items())])
+        + "\n"
+    )
     rows = []
     for s in SPLITS:
         for c in range(n_cls):
-            fl = [f for f, lab in zip(files[s], dec[s].labels) if lab == c]
+            fl = [f for f, lab in zip(files[s], dec[s].labels, strict=False) if lab == c]
             if not fl:
                 continue
             modes = Counter(f.mode for f in fl)
@@ -611,9 +658,12 @@ def _markdown(ds, dec, files, counts, stats, dup: DuplicateCensus, figs, summary
     add("## 3. Mean images and framing\n")
     add(f"![Mean image per class]({figs['means']})\n")
     add(f"![Differences between class mean images]({figs['diffs']})\n")
+
     def medians(key: str) -> str:
         return ", ".join(
-            f"{names[c]} {np.median(stats['Training'][key][tr.labels == c]):.0%}" for c in range(n_cls) if counts["Training"][c]
+            f"{names[c]} {np.median(stats['Training'][key][tr.labels == c]):.0%}"
+            for c in range(n_cls)
+            if counts["Training"][c]
         )
 
     add(
@@ -676,7 +726,9 @@ def _markdown(ds, dec, files, counts, stats, dup: DuplicateCensus, figs, summary
     for c in range(n_cls):
         groups_c = dup.train_groups[tr.labels == c]
         in_multi = [g for g in groups_c if g in multi]
-        exact_c = sum(sum(1 for k in g if tr.labels[k] == c) - 1 for g in dup.exact_train if any(tr.labels[k] == c for k in g))
+        exact_c = sum(
+            sum(1 for k in g if tr.labels[k] == c) - 1 for g in dup.exact_train if any(tr.labels[k] == c for k in g)
+        )
         sel = te.labels == c
         per_class.append([
             names[c], counts["Training"][c], max(exact_c, 0), len(in_multi), len(in_multi) - len(set(in_multi)),
@@ -703,7 +755,11 @@ def _markdown(ds, dec, files, counts, stats, dup: DuplicateCensus, figs, summary
             f"MAD {closest[2]:.2f} (purple curve in the figure above).\n"
         )
     if ex["cross_class_training"] or ex["cross_class_across"]:
-        add("Byte-identical among them: " + "; ".join(" = ".join(f"`{p}`" for p in g) for g in ex["cross_class_training"] + ex["cross_class_across"]) + "\n")  # noqa: E501
+        add(
+            "Byte-identical among them: "
+            + "; ".join(" = ".join(f"`{p}`" for p in g) for g in ex["cross_class_training"] + ex["cross_class_across"])
+            + "\n"
+        )  # noqa: E501
 
     add("### Example pairs\n")
     add(
@@ -766,7 +822,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset root with Training/<class>/ and Testing/<class>/")
     p.add_argument("--out", required=True, help="folder for README.md, the PNG figures and summary.json")
     p.add_argument("--image-size", type=int, default=224, help="decode size in px (default 224)")
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="near-duplicate MAD threshold in grey levels")
+    p.add_argument(
+        "--threshold", type=float, default=DEFAULT_THRESHOLD, help="near-duplicate MAD threshold in grey levels"
+    )
     p.add_argument("--max-examples", type=int, default=6, help="duplicate pairs to show side by side (default 6)")
     p.add_argument("--workers", type=int, default=4, help="decoding threads")
     return p
@@ -779,7 +837,9 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --max-examples must be >= 0, --image-size >= 8 and --threshold > 0", file=sys.stderr)
         return 2
     try:
-        summary = build_report(args.data, args.out, args.image_size, args.threshold, args.max_examples, args.workers, progress=True)
+        summary = build_report(
+            args.data, args.out, args.image_size, args.threshold, args.max_examples, args.workers, progress=True
+        )
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -53,7 +53,7 @@ import threading
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -176,7 +176,7 @@ class DecodedImage:
         return self.gray.shape[0], self.gray.shape[1]
 
 
-ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray, DecodedImage]
+ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray | DecodedImage
 
 
 @dataclass(frozen=True)
@@ -264,9 +264,7 @@ def _from_array(arr: np.ndarray, limits: _Limits) -> DecodedImage:
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[..., 0]
     if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))):
-        raise InvalidImageError(
-            f"An image array must be H x W, H x W x 3 or H x W x 4; got shape {arr.shape}."
-        )
+        raise InvalidImageError(f"An image array must be H x W, H x W x 3 or H x W x 4; got shape {arr.shape}.")
     _check_shape(arr.shape[1], arr.shape[0], "This image array", limits)
     if arr.dtype == np.uint8:
         values, source = arr.astype(np.float32) / 255.0, "array uint8"
@@ -347,7 +345,9 @@ def _from_pil(img: Image.Image, fmt: str) -> DecodedImage:
 
 def _damaged(name: str, fmt: str, exc: BaseException, part: str = "image data") -> str:
     text = str(exc).lower()
-    if isinstance(exc, EOFError) or any(w in text for w in ("truncated", "ends early", "broken data stream", "end of file")):
+    if isinstance(exc, EOFError) or any(
+        w in text for w in ("truncated", "ends early", "broken data stream", "end of file")
+    ):
         return f"{name} is a truncated {fmt}: the {part} ends early. {_RETRY}"
     return f"{name} is a damaged {fmt}: its {part} could not be decoded ({exc}). {_RETRY}"
 

@@ -55,7 +55,7 @@ def near_duplicate_pairs(
             continue
         mad = (ta[ii] - tb[jj]).abs().mean(dim=1)
         hit = mad < threshold
-        pairs.extend(zip(ii[hit].tolist(), jj[hit].tolist(), mad[hit].tolist()))
+        pairs.extend(zip(ii[hit].tolist(), jj[hit].tolist(), mad[hit].tolist(), strict=False))
     return pairs
 
 

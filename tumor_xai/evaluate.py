@@ -29,10 +29,10 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
 
 import cv2
 import numpy as np
@@ -165,7 +165,9 @@ def predict_corrupted(
     return np.concatenate(out)
 
 
-def duplicate_free(test_thumbs: np.ndarray, train_thumbs: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
+def duplicate_free(
+    test_thumbs: np.ndarray, train_thumbs: np.ndarray, threshold: float = DEFAULT_THRESHOLD
+) -> np.ndarray:
     """Boolean mask over the Testing images: True where no Training image is a near-duplicate."""
     keep = np.ones(len(test_thumbs), dtype=bool)
     for i, _, _ in near_duplicate_pairs(test_thumbs, train_thumbs, threshold=threshold):
@@ -290,7 +292,7 @@ def localization(
         for sl in tqdm(list(_batches(len(rows), batch_size)), desc=desc, leave=False):
             x = _to_model_input(test.images[idx[rows[sl]]], cfg).to(next(model.parameters()).device)
             squares = explain_batch(model, x, torch.from_numpy(targets[sl]), method=method, layer=layer)
-            maps.extend(geometries[r].to_original(m) for r, m in zip(rows[sl], squares))
+            maps.extend(geometries[r].to_original(m) for r, m in zip(rows[sl], squares, strict=False))
         return maps
 
     for method in methods:
@@ -298,9 +300,9 @@ def localization(
             start = time.perf_counter()
             true_maps = heatmaps(np.arange(idx.size), labels, method, layer, f"{method}@{layer}")
             wrong_maps = heatmaps(wrong, preds[wrong], method, layer, f"{method}@{layer} (pred)")
-            true_scores = [score_heatmap(m, masks[i]) for m, i in zip(true_maps, idx)]
+            true_scores = [score_heatmap(m, masks[i]) for m, i in zip(true_maps, idx, strict=False)]
             pred_scores = list(true_scores)
-            for r, m in zip(wrong, wrong_maps):
+            for r, m in zip(wrong, wrong_maps, strict=False):
                 pred_scores[r] = score_heatmap(m, masks[idx[r]])
             row = {"method": method, "layer": layer, "seconds": round(time.perf_counter() - start, 1)}
             for name, scores in (("true", true_scores), ("predicted", pred_scores)):
@@ -309,7 +311,13 @@ def localization(
                     "mass_in_mask": float(np.mean([s.mass for s in scores])),
                     "empty_heatmaps": int(sum(s.empty for s in scores)),
                 }
-            logger.info("%s@%s: pointing %.3f, mass %.3f (true class)", method, layer, row["true"]["pointing"], row["true"]["mass_in_mask"])
+            logger.info(
+                "%s@%s: pointing %.3f, mass %.3f (true class)",
+                method,
+                layer,
+                row["true"]["pointing"],
+                row["true"]["mass_in_mask"],
+            )
             out["results"].append(row)
     return out
 
@@ -344,7 +352,15 @@ def _plot_reliability(probs: np.ndarray, labels: np.ndarray, ece: float, path: P
     conf = [c if c is not None else 0.0 for c in bins["confidence"]]
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.bar(centers, acc, width=width, edgecolor="black", label="accuracy")
-    ax.bar(centers, np.array(conf) - np.array(acc), bottom=acc, width=width, color="red", alpha=0.3, label="gap to confidence")
+    ax.bar(
+        centers,
+        np.array(conf) - np.array(acc),
+        bottom=acc,
+        width=width,
+        color="red",
+        alpha=0.3,
+        label="gap to confidence",
+    )
     ax.plot([0, 1], [0, 1], "k--", lw=1)
     ax.set_xlabel("top-class confidence")
     ax.set_ylabel("accuracy")
@@ -409,7 +425,13 @@ def _report(metrics: dict) -> str:
             f"{_pct(a.get('specificity'))} | {_pct(th.get('sensitivity'))} | {_pct(th.get('specificity'))} | "
             f"{_num(m['roc_auc']['macro'])} | {_num(m['ece'])} | {_num(m['nll'])} |"
         )
-    lines += ["", "Per class (precision / recall / F1, support):", "", "| class | " + " | ".join(n for n, _ in sets) + " |", "|---|" + "---|" * len(sets)]
+    lines += [
+        "",
+        "Per class (precision / recall / F1, support):",
+        "",
+        "| class | " + " | ".join(n for n, _ in sets) + " |",
+        "|---|" + "---|" * len(sets),
+    ]
     for c in cls:
         cells = []
         for _, m in sets:
@@ -448,7 +470,11 @@ def _report(metrics: dict) -> str:
                 f"| {r['method']} | {r['layer']} | {_pct(r['true']['pointing'])} | {_pct(r['true']['mass_in_mask'])} | "
                 f"{_pct(r['predicted']['pointing'])} | {_pct(r['predicted']['mass_in_mask'])} |"
             )
-    lines += ["", f"Figures: `confusion_matrix.png`, `reliability.png`, `roc.png`. Run time {metrics['seconds']:.0f} s.", ""]
+    lines += [
+        "",
+        f"Figures: `confusion_matrix.png`, `reliability.png`, `roc.png`. Run time {metrics['seconds']:.0f} s.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -480,7 +506,9 @@ def evaluate(config: EvaluateConfig) -> dict:
     weights = load_weights(config.weights, device=config.device)
     dataset = discover(config.data)
     if dataset.class_names != weights.class_names:
-        raise DataError(f"{config.data} has classes {dataset.class_names} but the weights were trained on {weights.class_names}.")
+        raise DataError(
+            f"{config.data} has classes {dataset.class_names} but the weights were trained on {weights.class_names}."
+        )
     methods: tuple[str, ...] = ()
     masks_dir = config.masks
     if config.localization:
@@ -496,7 +524,9 @@ def evaluate(config: EvaluateConfig) -> dict:
         if masks_dir is None:
             masks_dir = Path(config.data).parent / "brain-tumor-mri-masks"
         if not Path(masks_dir).is_dir():
-            raise UsageError(f"Masks folder {masks_dir} does not exist: pass --masks DIR (the brain-tumor-mri-masks folder).")
+            raise UsageError(
+                f"Masks folder {masks_dir} does not exist: pass --masks DIR (the brain-tumor-mri-masks folder)."
+            )
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
@@ -506,7 +536,9 @@ def evaluate(config: EvaluateConfig) -> dict:
     threshold = meta.get("screening", {}).get("threshold")
     threshold = None if threshold is None else float(threshold)
     names = weights.class_names
-    logger.info("decoding %d Testing and %d Training images", len(dataset.splits["Testing"]), len(dataset.splits["Training"]))
+    logger.info(
+        "decoding %d Testing and %d Training images", len(dataset.splits["Testing"]), len(dataset.splits["Training"])
+    )
     test = decode_samples(dataset.splits["Testing"], cfg.input_size, config.skip_unreadable, config.workers)
     # Training is decoded only for its duplicate thumbnails, which do not depend on the size.
     train = decode_samples(dataset.splits["Training"], 32, config.skip_unreadable, config.workers)
@@ -548,7 +580,9 @@ def evaluate(config: EvaluateConfig) -> dict:
         kept_samples = [s for s in dataset.splits["Testing"] if s.path in decoded]
         metrics["stress"] = {}
         for name in CORRUPTIONS:
-            p = predict_corrupted(weights.model, kept_samples, name, cfg, temperature, config.batch_size, config.workers)
+            p = predict_corrupted(
+                weights.model, kept_samples, name, cfg, temperature, config.batch_size, config.workers
+            )
             m = classification_metrics(p, test.labels, names, threshold)
             t = m.get("tumor", {})
             metrics["stress"][name] = {
@@ -571,13 +605,27 @@ def evaluate(config: EvaluateConfig) -> dict:
     metrics["seconds"] = round(time.perf_counter() - started, 1)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (out / "confusion_matrix.json").write_text(
-        json.dumps({"class_names": names, "rows": "true class", "columns": "predicted class",
-                    "official": official["confusion_matrix"], "deduplicated": dedup["confusion_matrix"]}, indent=2) + "\n"
+        json.dumps(
+            {
+                "class_names": names,
+                "rows": "true class",
+                "columns": "predicted class",
+                "official": official["confusion_matrix"],
+                "deduplicated": dedup["confusion_matrix"],
+            },
+            indent=2,
+        )
+        + "\n"
     )
     import matplotlib
 
     matplotlib.use("Agg")
-    _plot_confusion(np.array(official["confusion_matrix"]), names, f"Official Testing (n={official['n']})", out / "confusion_matrix.png")
+    _plot_confusion(
+        np.array(official["confusion_matrix"]),
+        names,
+        f"Official Testing (n={official['n']})",
+        out / "confusion_matrix.png",
+    )
     _plot_reliability(probs, test.labels, official["ece"], out / "reliability.png")
     _plot_roc(probs, test.labels, names, official["roc_auc"]["per_class"], out / "roc.png")
     (out / "report.md").write_text(_report(metrics))
@@ -610,15 +658,29 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder for metrics.json, figures and report.md")
     p.add_argument("--localization", action="store_true", help="score heatmaps against the expert tumour masks")
     p.add_argument("--masks", type=Path, default=None, help="masks folder (default: <data>/../brain-tumor-mri-masks)")
-    p.add_argument("--methods", type=_csv, default=None, help="comma-separated heatmap methods (default: all seven; scorecam runs one forward pass per channel of the layer, i.e. minutes per 100 images on CPU)")
-    p.add_argument("--layers", type=_csv, default=DEFAULT_LAYERS, help="comma-separated target layers (default: layer4,layer3)")
+    p.add_argument(
+        "--methods",
+        type=_csv,
+        default=None,
+        help="comma-separated heatmap methods (default: all seven; scorecam runs one forward pass per channel of the layer, i.e. minutes per 100 images on CPU)",
+    )
+    p.add_argument(
+        "--layers", type=_csv, default=DEFAULT_LAYERS, help="comma-separated target layers (default: layer4,layer3)"
+    )
     p.add_argument("--no-stress", dest="stress", action="store_false", help="skip the stress tests")
     p.add_argument("--batch-size", type=_positive, default=32)
     p.add_argument("--workers", type=_positive, default=4, help="image decoding threads")
     p.add_argument("--duplicate-threshold", type=float, default=DEFAULT_THRESHOLD)
     p.add_argument("--skip-unreadable", action="store_true", help="leave unreadable images out instead of stopping")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs (decoding and corruptions stay on the CPU)")
-    p.add_argument("--record", action="store_true", help="store the official and duplicate-free figures in the weights' model.json")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="where the model runs (decoding and corruptions stay on the CPU)",
+    )
+    p.add_argument(
+        "--record", action="store_true", help="store the official and duplicate-free figures in the weights' model.json"
+    )
     return p
 
 
@@ -632,7 +694,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     o, d = metrics["official"], metrics["deduplicated"]
-    print(f"official Testing: accuracy {o['accuracy']:.4f} (n={o['n']}), macro ROC-AUC {_num(o['roc_auc']['macro'])}, ECE {o['ece']:.4f}")
+    print(
+        f"official Testing: accuracy {o['accuracy']:.4f} (n={o['n']}), macro ROC-AUC {_num(o['roc_auc']['macro'])}, ECE {o['ece']:.4f}"
+    )
     print(f"duplicate-free:   accuracy {d['accuracy']:.4f} (n={d['n']}, {d['removed']} removed)")
     print(f"wrote {config.out / 'report.md'}")
     return 0

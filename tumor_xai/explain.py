@@ -64,9 +64,7 @@ DEFAULT_LAYER = "layer4"
 # ScoreCAM runs one forward pass per channel of the target layer; larger batches are faster on CPU.
 SCORECAM_BATCH = 64
 
-COLORMAPS = {
-    name[len("COLORMAP_"):].lower(): getattr(cv2, name) for name in dir(cv2) if name.startswith("COLORMAP_")
-}
+COLORMAPS = {name[len("COLORMAP_") :].lower(): getattr(cv2, name) for name in dir(cv2) if name.startswith("COLORMAP_")}
 
 # One lock for every hook-based CAM in the process: hooks live on modules, not threads.
 _HOOK_LOCK = threading.Lock()
@@ -140,7 +138,9 @@ def normalize_cams(cams: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def _library_cams(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, method: str, layer: str | None) -> np.ndarray:
+def _library_cams(
+    model: nn.Module, x: torch.Tensor, targets: torch.Tensor, method: str, layer: str | None
+) -> np.ndarray:
     # Gradients are needed (except for EigenCAM/ScoreCAM), and an inference-mode tensor cannot enter
     # autograd: clone it into an ordinary tensor first.
     import pytorch_grad_cam

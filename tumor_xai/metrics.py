@@ -60,7 +60,11 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: in
     bins = reliability_bins(probs, labels, n_bins)
     total = sum(bins["count"])
     return float(
-        sum(n / total * abs(a - c) for n, a, c in zip(bins["count"], bins["accuracy"], bins["confidence"]) if n)
+        sum(
+            n / total * abs(a - c)
+            for n, a, c in zip(bins["count"], bins["accuracy"], bins["confidence"], strict=False)
+            if n
+        )
     )
 
 
@@ -91,7 +95,14 @@ def sensitivity_specificity(flagged: np.ndarray, is_tumor: np.ndarray) -> dict[s
     flagged, is_tumor = np.asarray(flagged, dtype=bool), np.asarray(is_tumor, dtype=bool)
     tp, fn = int(np.sum(flagged & is_tumor)), int(np.sum(~flagged & is_tumor))
     tn, fp = int(np.sum(~flagged & ~is_tumor)), int(np.sum(flagged & ~is_tumor))
-    return {"sensitivity": _rate(tp, tp + fn), "specificity": _rate(tn, tn + fp), "tp": tp, "fn": fn, "tn": tn, "fp": fp}
+    return {
+        "sensitivity": _rate(tp, tp + fn),
+        "specificity": _rate(tn, tn + fp),
+        "tp": tp,
+        "fn": fn,
+        "tn": tn,
+        "fp": fp,
+    }
 
 
 def classification_metrics(
@@ -111,7 +122,9 @@ def classification_metrics(
     probs = np.asarray(probs, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
     if probs.ndim != 2 or probs.shape[1] != len(class_names) or len(probs) != len(labels):
-        raise ValueError(f"expected probs (N, {len(class_names)}) and labels (N,), got {probs.shape} and {labels.shape}")
+        raise ValueError(
+            f"expected probs (N, {len(class_names)}) and labels (N,), got {probs.shape} and {labels.shape}"
+        )
     if len(labels) == 0:
         raise ValueError("no samples to score")
     k = len(class_names)

@@ -29,7 +29,9 @@ def check_input_size(size: int) -> None:
         raise ValueError(f"image size {size} is not supported: use a multiple of {INPUT_STRIDE} (e.g. 128, 224)")
 
 
-def build_model(arch: str = "resnet18", num_classes: int = 4, in_chans: int = 1, pretrained: str | None = None) -> nn.Module:
+def build_model(
+    arch: str = "resnet18", num_classes: int = 4, in_chans: int = 1, pretrained: str | None = None
+) -> nn.Module:
     """A torchvision ResNet with ``in_chans`` input channels and ``num_classes`` outputs.
 
     ``pretrained="imagenet"`` downloads torchvision's ImageNet weights (internet needed) and folds

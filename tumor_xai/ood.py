@@ -160,13 +160,15 @@ class OodDetector:
     threshold: float
 
     @classmethod
-    def from_weights(cls, extras: dict[str, torch.Tensor], metadata: dict) -> "OodDetector | None":
+    def from_weights(cls, extras: dict[str, torch.Tensor], metadata: dict) -> OodDetector | None:
         """The detector stored with a weights folder, or ``None`` when the folder has no OOD statistics."""
         ood = metadata.get("ood")
         if not ood:
             return None
         if ood.get("method") != METHOD:
-            raise ValueError(f"unsupported OOD method {ood.get('method')!r} in the weights' metadata (expected {METHOD!r})")
+            raise ValueError(
+                f"unsupported OOD method {ood.get('method')!r} in the weights' metadata (expected {METHOD!r})"
+            )
         missing = [k for k in (EXTRA_MEANS, EXTRA_PRECISION) if k not in extras]
         if missing or "threshold" not in ood:
             raise ValueError(
@@ -213,7 +215,9 @@ def carve_out_features(weights, data: Path, batch_size: int = 64) -> CarveOut:
     split = decode_samples(dataset.splits["Training"], weights.preprocess.input_size, skip_unreadable=True)
     train_idx, val_idx = split_train_val(split.labels, split.thumbs, fraction, seed)
     feats = extract_features(weights.model, split.images, weights.preprocess, batch_size)
-    return CarveOut(feats, torch.from_numpy(split.labels), train_idx, val_idx, fraction, seed, "val_fraction" in training)
+    return CarveOut(
+        feats, torch.from_numpy(split.labels), train_idx, val_idx, fraction, seed, "val_fraction" in training
+    )
 
 
 def _refit(args: argparse.Namespace) -> int:
@@ -224,7 +228,10 @@ def _refit(args: argparse.Namespace) -> int:
     weights = load_weights(args.weights)
     dataset = discover(args.data, splits=("Training",))
     if dataset.class_names != weights.class_names:
-        print(f"error: the dataset's classes {dataset.class_names} differ from the weights' {weights.class_names}", file=sys.stderr)
+        print(
+            f"error: the dataset's classes {dataset.class_names} differ from the weights' {weights.class_names}",
+            file=sys.stderr,
+        )
         return 2
     print(f"decoding {len(dataset.splits['Training'])} training images at {weights.preprocess.input_size} px ...")
     c = carve_out_features(weights, args.data, args.batch_size)
@@ -233,19 +240,31 @@ def _refit(args: argparse.Namespace) -> int:
         return 2
     source = "the weights' training config" if c.from_weights else "the default"
     print(f"validation carve-out: {len(c.val_idx)} images ({c.fraction:.0%}, seed {c.seed}, from {source})")
-    extras, meta = fit(c.features[c.train_idx], c.labels[c.train_idx], c.features[c.val_idx], args.covariance, args.percentile)
+    extras, meta = fit(
+        c.features[c.train_idx], c.labels[c.train_idx], c.features[c.val_idx], args.covariance, args.percentile
+    )
     kept = {k: v for k, v in weights.extras.items() if not k.startswith("ood.")}
-    metadata = {k: v for k, v in weights.metadata.items() if k not in ("format_version", "num_classes", "weights_sha256", "storage_dtype")}
+    metadata = {
+        k: v
+        for k, v in weights.metadata.items()
+        if k not in ("format_version", "num_classes", "weights_sha256", "storage_dtype")
+    }
     metadata["ood"] = meta
     half = weights.metadata.get("storage_dtype") == "float16"
     save_weights(weights.model, weights.path, metadata, extras={**kept, **extras}, half=half)
-    print(f"OOD threshold {meta['threshold']:.2f} ({args.percentile:g}th percentile of validation distances); wrote {weights.path}")
+    print(
+        f"OOD threshold {meta['threshold']:.2f} ({args.percentile:g}th percentile of validation distances); wrote {weights.path}"
+    )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tumor_xai.ood", description="Refit the OOD statistics of a weights folder.")
-    parser.add_argument("--data", required=True, type=Path, help="Kaggle-layout dataset folder (its Training split is used)")
+    parser = argparse.ArgumentParser(
+        prog="python -m tumor_xai.ood", description="Refit the OOD statistics of a weights folder."
+    )
+    parser.add_argument(
+        "--data", required=True, type=Path, help="Kaggle-layout dataset folder (its Training split is used)"
+    )
     parser.add_argument("--weights", required=True, type=Path, help="weights folder to update in place")
     parser.add_argument("--covariance", choices=COVARIANCES, default="class")
     parser.add_argument("--percentile", type=float, default=99.0, help="validation percentile used as threshold")

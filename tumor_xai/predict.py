@@ -39,7 +39,13 @@ def collect_files(paths: list[Path]) -> list[Path]:
     files: list[Path] = []
     for p in paths:
         if p.is_dir():
-            files.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")))
+            files.extend(
+                sorted(
+                    f
+                    for f in p.rglob("*")
+                    if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")
+                )
+            )
         else:
             files.append(p)
     return files
@@ -105,7 +111,10 @@ def run(files: list[Path], out: Path, predictor: Predictor, explain: bool, metho
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tumor_xai.predict", description="Classify MRI slices into a CSV (research demo, not a diagnostic device).")
+    p = argparse.ArgumentParser(
+        prog="python -m tumor_xai.predict",
+        description="Classify MRI slices into a CSV (research demo, not a diagnostic device).",
+    )
     p.add_argument("paths", nargs="+", type=Path, help="image/DICOM files or folders (searched recursively)")
     p.add_argument("--out", required=True, type=Path, help=f"output folder for {CSV_NAME} (and overlays/)")
     p.add_argument("--weights", type=Path, default=None, help="weights folder (default: the repository's weights/)")

@@ -64,7 +64,9 @@ class Predictor:
         meta = weights.metadata
         self.temperature = float((meta.get("calibration") or {}).get("temperature", 1.0))
         if not self.temperature > 0:
-            raise WeightsError(f"calibration temperature {self.temperature} in {weights.path} must be positive; retrain or refit it")
+            raise WeightsError(
+                f"calibration temperature {self.temperature} in {weights.path} must be positive; retrain or refit it"
+            )
         self.threshold = (meta.get("screening") or {}).get("threshold")
         try:
             self.ood = OodDetector.from_weights(weights.extras, meta)
@@ -76,11 +78,18 @@ class Predictor:
         self._cam_model_lock = threading.Lock()
 
     @classmethod
-    def from_pretrained(cls, path: str | Path | None = None) -> "Predictor":
+    def from_pretrained(cls, path: str | Path | None = None) -> Predictor:
         """Load the repository's ``weights/`` (default) or the weights folder at ``path``."""
         return cls(load_weights(path))
 
-    def check_options(self, method: str, target: str | None = None, layer: str | None = None, colormap: str = "jet", alpha: float = 0.4) -> None:
+    def check_options(
+        self,
+        method: str,
+        target: str | None = None,
+        layer: str | None = None,
+        colormap: str = "jet",
+        alpha: float = 0.4,
+    ) -> None:
         """Raise ``ValueError`` listing the valid choices if an explanation option is unknown."""
         xai.check_method(method)
         xai.resolve_layer(self.model, layer)
@@ -126,7 +135,7 @@ class Predictor:
                 cam = xai.gradcam_from_features(fmap, self.model.fc.weight, torch.tensor([target_idx]))
             distance = self.ood.distance(pooled_features(fmap))[0].item() if self.ood is not None else None
 
-        probabilities = {c: float(p) for c, p in zip(self.class_names, probs)}
+        probabilities = {c: float(p) for c, p in zip(self.class_names, probs, strict=False)}
         pred = Prediction(probabilities=probabilities, label=self.class_names[label_idx], image=decoded)
         if NO_TUMOR_CLASS in probabilities:
             pred.tumor_probability = 1.0 - probabilities[NO_TUMOR_CLASS]
@@ -142,7 +151,9 @@ class Predictor:
             if fast:
                 square = xai.normalize_cams(cam.float().numpy(), size)[0]
             else:
-                square = xai.explain_batch(self._library_model(), x, torch.tensor([target_idx]), method, layer or xai.DEFAULT_LAYER)[0]
+                square = xai.explain_batch(
+                    self._library_model(), x, torch.tensor([target_idx]), method, layer or xai.DEFAULT_LAYER
+                )[0]
             pred.heatmap = np.clip(geometry.to_original(square), 0.0, 1.0).astype(np.float32)
             pred.overlay = xai.overlay(decoded.gray, pred.heatmap, colormap, alpha)
             pred.method, pred.target = method, self.class_names[target_idx]

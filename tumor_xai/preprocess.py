@@ -44,7 +44,7 @@ class PreprocessConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PreprocessConfig":
+    def from_dict(cls, d: dict) -> PreprocessConfig:
         return cls(**{k: d[k] for k in ("input_size", "mean", "std", "intensity", "version") if k in d})
 
 

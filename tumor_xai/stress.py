@@ -8,7 +8,7 @@ gets its chance to undo intensity changes, as it would in the app.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import cv2
 import numpy as np
@@ -52,7 +52,9 @@ def adjust_brightness(gray: np.ndarray, delta: float) -> np.ndarray:
 def down_up_sample(gray: np.ndarray, factor: int) -> np.ndarray:
     """Shrink by ``factor`` (area averaging) and enlarge back (bilinear): a low-resolution export."""
     h, w = gray.shape
-    small = cv2.resize(gray.astype(np.float32), (max(1, round(w / factor)), max(1, round(h / factor))), interpolation=cv2.INTER_AREA)
+    small = cv2.resize(
+        gray.astype(np.float32), (max(1, round(w / factor)), max(1, round(h / factor))), interpolation=cv2.INTER_AREA
+    )
     return _clip(cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR))
 
 
@@ -66,7 +68,9 @@ def rotate(gray: np.ndarray, degrees: float) -> np.ndarray:
     """Rotate about the image centre by ``degrees`` (counter-clockwise), bilinear, black corners."""
     h, w = gray.shape
     m = cv2.getRotationMatrix2D(((w - 1) / 2.0, (h - 1) / 2.0), degrees, 1.0)
-    out = cv2.warpAffine(gray.astype(np.float32), m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+    out = cv2.warpAffine(
+        gray.astype(np.float32), m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0.0
+    )
     return _clip(out)
 
 

@@ -44,8 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from tumor_xai import __version__
-from tumor_xai import attention
+from tumor_xai import __version__, attention
 from tumor_xai.augment import PRESETS, AugmentConfig, augment, augment_pair, head_region
 from tumor_xai.checkpoint import atomic_write_bytes, load_weights, save_weights
 from tumor_xai.data import DataError, DecodedSplit, decode_samples, discover, split_train_val
@@ -101,11 +100,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset root holding Training/<class>/*")
     p.add_argument("--out", required=True, help="output folder for the weights, logs and config")
     p.add_argument("--arch", default=d.arch, choices=sorted(ARCHITECTURES))
-    p.add_argument("--pretrained", default=None, choices=["imagenet"], help="start from ImageNet weights (needs internet)")
+    p.add_argument(
+        "--pretrained", default=None, choices=["imagenet"], help="start from ImageNet weights (needs internet)"
+    )
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
     p.add_argument("--image-size", type=int, default=d.image_size)
-    p.add_argument("--lr", type=float, default=d.lr, help="peak SGD learning rate for a global batch of 128 (scaled linearly)")
+    p.add_argument(
+        "--lr", type=float, default=d.lr, help="peak SGD learning rate for a global batch of 128 (scaled linearly)"
+    )
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
     p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
@@ -113,25 +116,57 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=d.val_fraction)
     p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
     p.add_argument("--amp", default=d.amp, choices=["auto", "bf16", "off"])
-    p.add_argument("--intensity", default=d.intensity, choices=["percentile", "none"], help="per-image intensity normalisation")
-    p.add_argument("--skip-unreadable", action="store_true", help="leave unreadable images out (listed in the log) instead of stopping")
+    p.add_argument(
+        "--intensity", default=d.intensity, choices=["percentile", "none"], help="per-image intensity normalisation"
+    )
+    p.add_argument(
+        "--skip-unreadable",
+        action="store_true",
+        help="leave unreadable images out (listed in the log) instead of stopping",
+    )
     p.add_argument("--screening-sensitivity", type=float, default=d.screening_sensitivity)
     p.add_argument("--half", action="store_true", help="store the final weights as float16 (half the size)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
     g = p.add_argument_group("augmentation and attention guidance")
     g.add_argument("--aug", default=d.aug, choices=sorted(PRESETS), help="augmentation recipe (default: basic)")
-    g.add_argument("--aug-set", action="append", default=[], type=_override, metavar="NAME=VALUE",
-                   help="override one strength of the recipe, e.g. --aug-set invert=0.3 (repeatable; names: "
-                        + ", ".join(f.name for f in fields(AugmentConfig)) + ")")
+    g.add_argument(
+        "--aug-set",
+        action="append",
+        default=[],
+        type=_override,
+        metavar="NAME=VALUE",
+        help="override one strength of the recipe, e.g. --aug-set invert=0.3 (repeatable; names: "
+        + ", ".join(f.name for f in fields(AugmentConfig))
+        + ")",
+    )
     g.add_argument("--masks", default=None, help="tumour masks folder (masks.csv + <split>/<class>/<stem>.png)")
-    g.add_argument("--cam-loss-weight", type=float, default=d.cam_loss_weight, help="weight of the CAM-in-mask loss (0: off)")
-    g.add_argument("--cam-loss", default=d.cam_loss, choices=attention.CAM_LOSSES, help="mass: -log heat in mask; kl: KL(mask || CAM)")
-    g.add_argument("--cam-warmup-epochs", type=float, default=d.cam_warmup_epochs,
-                   help="the CAM and head losses are off for the first half of this many epochs and ramp up over the second half")
-    g.add_argument("--head-loss-weight", type=float, default=d.head_loss_weight,
-                   help="weight of the CAM-in-head loss for images without a tumour mask (0: off)")
-    g.add_argument("--lesion-erase", type=float, default=d.lesion_erase, help="probability of inpainting a masked lesion (0: off)")
-    g.add_argument("--erase-target", default=d.erase_target, choices=["uniform", "notumor"], help="target of an erased image")
+    g.add_argument(
+        "--cam-loss-weight", type=float, default=d.cam_loss_weight, help="weight of the CAM-in-mask loss (0: off)"
+    )
+    g.add_argument(
+        "--cam-loss",
+        default=d.cam_loss,
+        choices=attention.CAM_LOSSES,
+        help="mass: -log heat in mask; kl: KL(mask || CAM)",
+    )
+    g.add_argument(
+        "--cam-warmup-epochs",
+        type=float,
+        default=d.cam_warmup_epochs,
+        help="the CAM and head losses are off for the first half of this many epochs and ramp up over the second half",
+    )
+    g.add_argument(
+        "--head-loss-weight",
+        type=float,
+        default=d.head_loss_weight,
+        help="weight of the CAM-in-head loss for images without a tumour mask (0: off)",
+    )
+    g.add_argument(
+        "--lesion-erase", type=float, default=d.lesion_erase, help="probability of inpainting a masked lesion (0: off)"
+    )
+    g.add_argument(
+        "--erase-target", default=d.erase_target, choices=["uniform", "notumor"], help="target of an erased image"
+    )
     return p
 
 
@@ -243,12 +278,24 @@ def setup_distributed(device: torch.device) -> tuple[int, int]:
 def code_version() -> dict:
     commit = None
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
-        ).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                cwd=Path(__file__).parent,
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         pass
-    return {"tumor_xai": __version__, "git_commit": commit, "torch": torch.__version__, "python": platform.python_version()}
+    return {
+        "tumor_xai": __version__,
+        "git_commit": commit,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 # --------------------------------------------------------------------------- loops
@@ -293,14 +340,18 @@ def guidance_ramp(progress: float, warmup_epochs: float) -> float:
     return min(1.0, max(0.0, 2.0 * progress / warmup_epochs - 1.0))
 
 
-def _guidance_losses(fmap, logits, y, fc_weight, lesion, has, erased, head, cfg, notumor, ramp) -> tuple[torch.Tensor, dict]:
+def _guidance_losses(
+    fmap, logits, y, fc_weight, lesion, has, erased, head, cfg, notumor, ramp
+) -> tuple[torch.Tensor, dict]:
     """Cross-entropy (uniform or no-tumour target for erased images) plus the weighted CAM losses."""
     ce = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing, reduction="none")
     if erased is not None:
         if cfg.erase_target == "uniform":
             other = -F.log_softmax(logits, dim=1).mean(1)
         else:
-            other = F.cross_entropy(logits, torch.full_like(y, notumor), label_smoothing=cfg.label_smoothing, reduction="none")
+            other = F.cross_entropy(
+                logits, torch.full_like(y, notumor), label_smoothing=cfg.label_smoothing, reduction="none"
+            )
         ce = torch.where(erased, other, ce)
     loss = ce.mean()
     parts = {}
@@ -321,8 +372,21 @@ def _guidance_losses(fmap, logits, y, fc_weight, lesion, has, erased, head, cfg,
     return loss, parts
 
 
-def train_one_epoch(model, optimizer, scheduler, images, labels, cfg, pre, epoch, rank, world, bf16, show,
-                    guidance: Guidance | None = None) -> dict:
+def train_one_epoch(
+    model,
+    optimizer,
+    scheduler,
+    images,
+    labels,
+    cfg,
+    pre,
+    epoch,
+    rank,
+    world,
+    bf16,
+    show,
+    guidance: Guidance | None = None,
+) -> dict:
     """One pass over this rank's shard; ``model`` returns ``(layer4 map, logits)`` (:class:`FeaturesAndLogits`)."""
     model.train()
     n = len(images)
@@ -367,7 +431,9 @@ def train_one_epoch(model, optimizer, scheduler, images, labels, cfg, pre, epoch
             fmap, logits = model(x)
         logits = logits.float()
         ramp = guidance_ramp(epoch + i / steps, cfg.cam_warmup_epochs)
-        loss, parts = _guidance_losses(fmap, logits, y, fc_weight, lesion, has, erased, head, cfg, guidance.notumor, ramp)
+        loss, parts = _guidance_losses(
+            fmap, logits, y, fc_weight, lesion, has, erased, head, cfg, guidance.notumor, ramp
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -380,7 +446,9 @@ def train_one_epoch(model, optimizer, scheduler, images, labels, cfg, pre, epoch
         if show and (i % 10 == 0 or i == steps - 1):
             bar.set_postfix(loss=f"{total_loss.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}")
     keys = sorted(part_sums)
-    stats = torch.stack([total_loss, correct, torch.tensor(float(seen), device=images.device), *(part_sums[k] for k in keys)])
+    stats = torch.stack(
+        [total_loss, correct, torch.tensor(float(seen), device=images.device), *(part_sums[k] for k in keys)]
+    )
     if world > 1:
         dist.all_reduce(stats)
     out = {"train_loss": (stats[0] / stats[2]).item(), "train_acc": (stats[1] / stats[2]).item()}
@@ -447,11 +515,22 @@ def save_state(path: Path, optimizer, scheduler, epoch: int, best: dict, log: li
     import io
 
     buf = io.BytesIO()
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best, "log": log}, buf)
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": epoch,
+            "best": best,
+            "log": log,
+        },
+        buf,
+    )
     atomic_write_bytes(path, buf.getvalue())
 
 
-def weights_metadata(cfg: TrainConfig, class_names, pre: PreprocessConfig, fingerprint: str, extra: dict | None = None) -> dict:
+def weights_metadata(
+    cfg: TrainConfig, class_names, pre: PreprocessConfig, fingerprint: str, extra: dict | None = None
+) -> dict:
     meta = {
         "arch": cfg.arch,
         "class_names": list(class_names),
@@ -485,7 +564,11 @@ def finalize(out: Path, cfg, data, train_idx, val_idx, class_names, device) -> d
         y_val = labels[val_idx].cpu()
         temperature = calibration.fit_temperature(val_logits, y_val)
         probs = torch.softmax(val_logits / temperature, dim=1).numpy()
-        meta["calibration"] = {"temperature": float(temperature), "fitted_on": "validation carve-out", "n": len(val_idx)}
+        meta["calibration"] = {
+            "temperature": float(temperature),
+            "fitted_on": "validation carve-out",
+            "n": len(val_idx),
+        }
         if NO_TUMOR in class_names:
             k = class_names.index(NO_TUMOR)
             threshold = calibration.choose_threshold(1.0 - probs[:, k], y_val.numpy() != k, cfg.screening_sensitivity)
@@ -532,9 +615,13 @@ def load_training_data(cfg: TrainConfig, fingerprint: bool = True) -> TrainingDa
     decoded = decode_samples(dataset.splits["Training"], cfg.image_size, skip_unreadable=cfg.skip_unreadable)
     masks = attention.load_training_masks(cfg.masks, dataset.root, decoded.paths, cfg.image_size) if cfg.masks else None
     return TrainingData(
-        root=dataset.root, class_names=dataset.class_names, decoded=decoded,
-        fingerprint=dataset.fingerprint("Training") if fingerprint else "", masks=masks,
-        image_size=cfg.image_size, seconds=time.time() - t0,
+        root=dataset.root,
+        class_names=dataset.class_names,
+        decoded=decoded,
+        fingerprint=dataset.fingerprint("Training") if fingerprint else "",
+        masks=masks,
+        image_size=cfg.image_size,
+        seconds=time.time() - t0,
     )
 
 
@@ -559,7 +646,9 @@ def train(cfg: TrainConfig, data: TrainingData | None = None) -> Path:
     if data is None:
         data = load_training_data(cfg, fingerprint=rank == 0)
     elif data.image_size != cfg.image_size or (cfg.masks and data.masks is None):
-        raise ValueError(f"the given TrainingData ({data.image_size} px, masks {data.masks is not None}) does not match the config")
+        raise ValueError(
+            f"the given TrainingData ({data.image_size} px, masks {data.masks is not None}) does not match the config"
+        )
     decoded, fingerprint = data.decoded, data.fingerprint
     class_names = data.class_names
     train_idx, val_idx = split_train_val(decoded.labels, decoded.thumbs, cfg.val_fraction, cfg.seed)
@@ -573,7 +662,9 @@ def train(cfg: TrainConfig, data: TrainingData | None = None) -> Path:
         has = data.masks.has_mask.copy()
         if notumor is not None:
             has &= decoded.labels != notumor  # a lesion mask on a no-tumour image contradicts its label
-        guidance = Guidance(torch.from_numpy(data.masks.masks).unsqueeze(1).to(device), torch.from_numpy(has).to(device), notumor)
+        guidance = Guidance(
+            torch.from_numpy(data.masks.masks).unsqueeze(1).to(device), torch.from_numpy(has).to(device), notumor
+        )
     if show:
         print(
             f"data: {len(train_idx)} train / {len(val_idx)} validation images of {class_names} "
@@ -582,7 +673,10 @@ def train(cfg: TrainConfig, data: TrainingData | None = None) -> Path:
             flush=True,
         )
         if guidance.has_mask is not None:
-            print(f"masks: {int(has[train_idx].sum())} train / {int(has[val_idx].sum())} validation images have a tumour mask", flush=True)
+            print(
+                f"masks: {int(has[train_idx].sum())} train / {int(has[val_idx].sum())} validation images have a tumour mask",
+                flush=True,
+            )
     pre = PreprocessConfig(input_size=cfg.image_size, intensity=cfg.intensity)
 
     model = build_model(cfg.arch, len(class_names), in_chans=1, pretrained=cfg.pretrained)
@@ -590,11 +684,13 @@ def train(cfg: TrainConfig, data: TrainingData | None = None) -> Path:
     global_batch = cfg.batch_size * world
     peak_lr = cfg.lr * global_batch / 128
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for _name, p in model.named_parameters():
         (no_decay if p.ndim <= 1 else decay).append(p)
     optimizer = torch.optim.SGD(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=peak_lr, momentum=cfg.momentum, nesterov=True,
+        lr=peak_lr,
+        momentum=cfg.momentum,
+        nesterov=True,
     )
     steps_per_epoch = math.ceil((len(train_idx) // world) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
@@ -614,7 +710,9 @@ def train(cfg: TrainConfig, data: TrainingData | None = None) -> Path:
 
     ddp_model = FeaturesAndLogits(model)
     if world > 1:
-        ddp_model = nn.parallel.DistributedDataParallel(ddp_model, device_ids=[device.index] if device.type == "cuda" else None)
+        ddp_model = nn.parallel.DistributedDataParallel(
+            ddp_model, device_ids=[device.index] if device.type == "cuda" else None
+        )
 
     train_images, train_labels = images[train_idx], labels[train_idx]
     val_images, val_labels = images[val_idx], labels[val_idx]
@@ -637,8 +735,21 @@ def train(cfg: TrainConfig, data: TrainingData | None = None) -> Path:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.time()
-        stats = train_one_epoch(ddp_model, optimizer, scheduler, train_images, train_labels, cfg, pre, epoch, rank, world, bf16, show,
-                                guidance=train_guidance)
+        stats = train_one_epoch(
+            ddp_model,
+            optimizer,
+            scheduler,
+            train_images,
+            train_labels,
+            cfg,
+            pre,
+            epoch,
+            rank,
+            world,
+            bf16,
+            show,
+            guidance=train_guidance,
+        )
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.time() - t
@@ -646,15 +757,23 @@ def train(cfg: TrainConfig, data: TrainingData | None = None) -> Path:
         stats.update(evaluate(model, val_images, val_labels, pre, cfg, rank, world, bf16))
         if show and val_masked is not None:
             stats.update(monitor_localization(model, *val_masked, pre, cfg.batch_size, bf16))
-        stats.update(epoch=epoch + 1, seconds=round(dt, 2), images_per_s=round((len(train_idx) // world) * world / dt, 1),
-                     lr=optimizer.param_groups[0]["lr"])
+        stats.update(
+            epoch=epoch + 1,
+            seconds=round(dt, 2),
+            images_per_s=round((len(train_idx) // world) * world / dt, 1),
+            lr=optimizer.param_groups[0]["lr"],
+        )
         log.append(stats)
         if show:
             improved = stats.get("val_acc", 0.0) > best["val_acc"] or (
                 stats.get("val_acc", 0.0) == best["val_acc"] and stats.get("val_loss", 0.0) <= best["val_loss"]
             )
             if improved or not len(val_idx):
-                best = {"val_acc": stats.get("val_acc", 0.0), "val_loss": stats.get("val_loss", 0.0), "epoch": epoch + 1}
+                best = {
+                    "val_acc": stats.get("val_acc", 0.0),
+                    "val_loss": stats.get("val_loss", 0.0),
+                    "epoch": epoch + 1,
+                }
                 save_weights(model, out / "best", {**meta, "metrics": {"best_epoch": best}})
             save_weights(model, out / "last", {**meta, "metrics": {"epoch": epoch + 1}})
             save_state(out / "last" / "train_state.pt", optimizer, scheduler, epoch, best, log)
@@ -664,8 +783,13 @@ def train(cfg: TrainConfig, data: TrainingData | None = None) -> Path:
 
     if show:
         final = finalize(out, cfg, {"images": images, "labels": labels}, train_idx, val_idx, class_names, device)
-        summary = {"train_seconds": round(train_time, 1), "best": best, "calibration": final.get("calibration"),
-                   "screening": final.get("screening"), "ood": {k: v for k, v in final.get("ood", {}).items() if not isinstance(v, list)}}
+        summary = {
+            "train_seconds": round(train_time, 1),
+            "best": best,
+            "calibration": final.get("calibration"),
+            "screening": final.get("screening"),
+            "ood": {k: v for k, v in final.get("ood", {}).items() if not isinstance(v, list)},
+        }
         print(json.dumps(summary, indent=1), flush=True)
     if world > 1:
         dist.barrier()
