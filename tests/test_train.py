@@ -53,6 +53,18 @@ def test_resume_continues_from_last_epoch(trained, tiny_dataset, tmp_path):
     assert [e["epoch"] for e in json.loads((out / "log.json").read_text())] == [1, 2, 3]
 
 
+def test_init_fine_tunes_from_weights_and_refuses_a_leaking_split(trained, tiny_dataset, tmp_path, capsys):
+    out = tmp_path / "fine"
+    assert main(["--data", str(tiny_dataset), "--out", str(out), *SMOKE, "--init", str(trained)]) == 0
+    assert "starting from" in capsys.readouterr().out
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["training"]["init"] == str(trained)
+    # Another seed draws another validation carve-out: the start's validation images would be trained on.
+    bad = tmp_path / "leak"
+    assert main(["--data", str(tiny_dataset), "--out", str(bad), *SMOKE, "--init", str(trained), "--seed", "1"]) == 2
+    assert "--seed 0" in capsys.readouterr().err and not bad.exists()
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [

@@ -66,6 +66,7 @@ class TrainConfig:
     out: str = ""
     arch: str = "resnet18"
     pretrained: str | None = None
+    init: str | None = None  # weights folder to start from (fine-tuning); the run's schedule starts afresh
     epochs: int = 100
     batch_size: int = 128
     image_size: int = 224
@@ -102,6 +103,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default=d.arch, choices=sorted(ARCHITECTURES))
     p.add_argument(
         "--pretrained", default=None, choices=["imagenet"], help="start from ImageNet weights (needs internet)"
+    )
+    p.add_argument(
+        "--init",
+        default=None,
+        metavar="WEIGHTS",
+        help="start from this weights folder (e.g. weights/) with a fresh schedule; it must have been trained "
+        "with the same --seed, --val-fraction and data, so its validation images stay out of training",
     )
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
@@ -228,12 +236,35 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
     if cfg.amp == "bf16" and resolve_device(cfg.device).type == "cpu" and not _cpu_has_bf16():
         raise ValueError("--amp bf16 needs a CPU with bf16 support; use --amp off")
+    if cfg.init and cfg.pretrained:
+        raise ValueError("--init and --pretrained both choose the starting weights; pass one of them")
+    if cfg.init:
+        check_init(cfg)
     out = Path(cfg.out)
     if cfg.resume:
         if not (out / "last" / "train_state.pt").is_file():
             raise ValueError(f"--resume: {out}/last/train_state.pt not found; start without --resume")
     elif out.exists() and any(out.iterdir()):
         raise ValueError(f"output folder {out} is not empty; choose a new --out or pass --resume")
+
+
+def check_init(cfg: TrainConfig) -> None:
+    """``--init`` weights must fit the model and share this run's validation carve-out (else it would leak)."""
+    from tumor_xai.checkpoint import WeightsError
+
+    try:
+        meta = load_weights(cfg.init).metadata
+    except WeightsError as exc:
+        raise ValueError(f"--init: {exc}") from None
+    if meta.get("arch") != cfg.arch:
+        raise ValueError(f"--init {cfg.init} holds a {meta.get('arch')}, but --arch is {cfg.arch}")
+    trained = meta.get("training") or {}
+    for key, flag in (("seed", "--seed"), ("val_fraction", "--val-fraction")):
+        if key in trained and trained[key] != getattr(cfg, key):
+            raise ValueError(
+                f"--init {cfg.init} was trained with {flag} {trained[key]}, this run has {getattr(cfg, key)}: "
+                f"its validation images would be in this run's training set; use {flag} {trained[key]}"
+            )
 
 
 def _cpu_has_bf16() -> bool:
@@ -680,6 +711,17 @@ def train(cfg: TrainConfig, data: TrainingData | None = None) -> Path:
     pre = PreprocessConfig(input_size=cfg.image_size, intensity=cfg.intensity)
 
     model = build_model(cfg.arch, len(class_names), in_chans=1, pretrained=cfg.pretrained)
+    if cfg.init and not cfg.resume:
+        start = load_weights(cfg.init)
+        if list(start.class_names) != list(class_names):
+            raise ValueError(f"--init {cfg.init} has classes {start.class_names}, the data has {class_names}")
+        if fingerprint and start.metadata.get("data_fingerprint") not in (None, fingerprint):
+            raise ValueError(
+                f"--init {cfg.init} was trained on other data (fingerprint differs): its split would not hold"
+            )
+        model.load_state_dict({k: v.float() for k, v in start.model.state_dict().items()})
+        if show:
+            print(f"starting from {cfg.init}", flush=True)
     model = model.to(device).to(memory_format=torch.channels_last)
     global_batch = cfg.batch_size * world
     peak_lr = cfg.lr * global_batch / 128
