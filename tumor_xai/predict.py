@@ -2,14 +2,13 @@
 
 Files and folders (searched recursively for image and DICOM files) are classified one by one into
 ``DIR/predictions.csv``, one row per file; with ``--explain`` each file's heatmap overlay is written to
-``DIR/overlays/``. A file that cannot be read gets a row with its error and the batch goes on. Exit
+``DIR/overlays/``. The columns are :func:`tumor_xai.report.batch_columns` (the batch tab's too). A file that cannot be read gets a row with its error and the batch goes on. Exit
 status: 0 when the batch ran (even with bad files), 2 for bad arguments or unusable weights.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import re
 import sys
@@ -21,9 +20,10 @@ from tumor_xai.checkpoint import WeightsError
 from tumor_xai.data import IMAGE_SUFFIXES
 from tumor_xai.decode import InvalidImageError
 from tumor_xai.explain import DEFAULT_LAYER, DEFAULT_METHOD, METHODS
-from tumor_xai.predictor import Prediction, Predictor
+from tumor_xai.predictor import Predictor
+from tumor_xai.report import batch_columns, batch_row, write_csv
 
-__all__ = ["collect_files", "main", "row_for"]
+__all__ = ["collect_files", "main", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,32 +51,6 @@ def collect_files(paths: list[Path]) -> list[Path]:
     return files
 
 
-def _fmt(value: float | None) -> str:
-    return "" if value is None else f"{value:.6f}"
-
-
-def _flag(value: bool | None) -> str:
-    return "" if value is None else str(value).lower()
-
-
-def row_for(path: Path, class_names: list[str], pred: Prediction | None, error: str = "", overlay: str = "") -> dict:
-    """One CSV row: the file, per-class probabilities and the decisions, or the error."""
-    row = {"path": str(path)}
-    row.update({f"p_{c}": _fmt(pred.probabilities[c]) if pred else "" for c in class_names})
-    row.update(
-        {
-            "label": pred.label if pred else "",
-            "tumor_probability": _fmt(pred.tumor_probability) if pred else "",
-            "screening_positive": _flag(pred.screening_positive) if pred else "",
-            "in_distribution": _flag(pred.in_distribution) if pred else "",
-            "ood_reason": (pred.ood_reason or "") if pred else "",
-            "overlay": overlay,
-            "error": error,
-        }
-    )
-    return row
-
-
 def _overlay_name(index: int, path: Path) -> str:
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem)[:80] or "image"
     return f"{index:05d}_{stem}.png"
@@ -88,25 +62,24 @@ def run(files: list[Path], out: Path, predictor: Predictor, explain: bool, metho
     if explain:
         (out / OVERLAY_DIR).mkdir(exist_ok=True)
     names = predictor.class_names
-    fields = list(row_for(Path(), names, None).keys())
     failed = 0
-    with open(out / CSV_NAME, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
+
+    def rows():
+        nonlocal failed
         for i, path in enumerate(tqdm(files, desc="predicting", unit="file")):
             try:
                 pred = predictor.predict(path, explain=explain, method=method, layer=layer)
             except InvalidImageError as exc:
                 failed += 1
-                writer.writerow(row_for(path, names, None, error=str(exc)))
+                yield batch_row(str(path), names, None, error=str(exc))
                 continue
             overlay = ""
             if explain:
-                overlay_path = out / OVERLAY_DIR / _overlay_name(i, path)
-                pred.overlay.save(overlay_path)
-                overlay = str(overlay_path)
-            writer.writerow(row_for(path, names, pred, overlay=overlay))
-            f.flush()
+                overlay = str(out / OVERLAY_DIR / _overlay_name(i, path))
+                pred.overlay.save(overlay)
+            yield batch_row(str(path), names, pred, overlay=overlay)
+
+    write_csv(out / CSV_NAME, rows(), batch_columns(names))
     return len(files) - failed, failed
 
 
