@@ -305,6 +305,13 @@ def main() -> int:
         "--eval-workers", type=int, default=max(1, (os.cpu_count() or 2) - 2), help="CPU threads of each evaluation"
     )
     p.add_argument("--no-stress", action="store_true", help="skip the stress tests in the evaluation")
+    p.add_argument("--eval-device", default="cpu", choices=["cpu", "cuda"], help="device of the evaluations")
+    p.add_argument(
+        "--extra-seeds",
+        type=lambda s: [int(x) for x in _csv(s)],
+        default=[],
+        help="after the plan, train these seeds of the variant validation prefers (3+ seeds: ship the median)",
+    )
     p.add_argument(
         "--train-arg",
         action="append",
@@ -327,17 +334,16 @@ def main() -> int:
         args.device,
         *args.train_arg,
     ]
-    configs = []
+
+    def make_config(v: str, s: int):
+        out = args.out / v / f"seed{s}"
+        argv = [*common, *variant_args(v, args.masks), "--out", str(out), "--seed", str(s)]
+        cfg = config_from_args(get_args_parser().parse_args(argv))
+        check_config(cfg)
+        return cfg
+
     try:
-        for v, s in plan:
-            out = args.out / v / f"seed{s}"
-            cfg = config_from_args(
-                get_args_parser().parse_args(
-                    [*common, *variant_args(v, args.masks), "--out", str(out), "--seed", str(s)]
-                )
-            )
-            check_config(cfg)
-            configs.append((v, s, cfg))
+        configs = [(v, s, make_config(v, s)) for v, s in plan]
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -371,7 +377,33 @@ def main() -> int:
         write_summary(args.out, rows, {**meta, "elapsed_s": round(time.time() - started, 1)})
         print(f"evaluated {v} seed {s}: " + json.dumps({k: rows[-1].get(k) for k, _ in COLUMNS}), flush=True)
 
-    for v, s, cfg in configs:
+    queue, extra_added = list(configs), not args.extra_seeds
+    while queue or not extra_added:
+        if not queue:
+            # The plan is done: more seeds of the variant that validation prefers, for the median to ship.
+            extra_added = True
+            done = [
+                {"variant": v, "seed": s, **json.loads((Path(c.out) / "validation.json").read_text())}
+                for v, s, c in configs
+                if (Path(c.out) / "validation.json").is_file()
+            ]
+            for r in done:
+                r["shortfall"] = selection_shortfall(r)
+            best = best_variant(
+                {
+                    v: {
+                        "shortfall": [r["shortfall"] for r in done if r["variant"] == v],
+                        "val_acc": [r["val_acc"] for r in done if r["variant"] == v],
+                    }
+                    for v in dict.fromkeys(r["variant"] for r in done)
+                }
+            )
+            if best is None:
+                break
+            print(f"validation prefers {best}: training seeds {args.extra_seeds} of it", flush=True)
+            queue = [(best, s, make_config(best, s)) for s in args.extra_seeds]
+            continue
+        v, s, cfg = queue.pop(0)
         elapsed = time.time() - started
         if args.budget_min and durations and elapsed + 1.5 * statistics.fmean(durations) > args.budget_min * 60:
             print(
@@ -410,6 +442,8 @@ def main() -> int:
             str(args.eval_workers),
             "--batch-size",
             "64",
+            "--device",
+            args.eval_device,
         ]
         if args.no_stress:
             cmd.append("--no-stress")

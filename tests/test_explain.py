@@ -95,17 +95,64 @@ def test_normalize_cams_handles_flat_and_nan_maps():
     assert out[1].max() <= 1.0 and out[1].min() == 0.0
 
 
-def test_overlay_blends_with_the_given_opacity():
-    gray = np.full((10, 20), 0.5, dtype=np.float32)
-    heat = np.zeros((10, 20), dtype=np.float32)
-    heat[:, 10:] = 1.0
+def _head_slice(size: int = 96) -> np.ndarray:
+    """A mid-grey disc (the head) on a black frame, with a speck of burnt-in text in a corner."""
+    yy, xx = np.mgrid[:size, :size]
+    gray = np.where((yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (0.4 * size) ** 2, 0.5, 0.0).astype(np.float32)
+    gray[2:4, 2:6] = 1.0
+    return gray
+
+
+def test_overlay_draws_warm_heat_inside_the_head_only():
+    gray = _head_slice()
+    heat = np.zeros_like(gray)
+    heat[:, 48:] = 1.0  # hot right half, cold left half; the hot half crosses the black frame too
     plain = np.asarray(xai.overlay(gray, heat, alpha=0.0))
-    assert plain.shape == (10, 20, 3)
-    assert (plain == 128).all()
-    full = np.asarray(xai.overlay(gray, heat, colormap="jet", alpha=1.0)).astype(int)
-    # jet: hot is red, cold is blue (RGB order, not OpenCV's BGR)
-    assert full[0, 15, 0] > full[0, 15, 2] and full[0, 5, 2] > full[0, 5, 0]
+    assert plain.shape == (96, 96, 3) and (plain == np.round(gray * 255)[..., None]).all()
+    out = np.asarray(xai.overlay(gray, heat, colormap="jet", alpha=1.0, outline=False)).astype(int)
+    assert out[48, 70, 0] > out[48, 70, 2] + 100, "jet's hot end is red (RGB order, not OpenCV's BGR)"
+    assert (out[48, 20] == 128).all(), "cold heat is not drawn: the slice stays readable"
+    assert (out[5, 90] == 0).all() and (out[90, 90] == 0).all(), "no heat on the black frame outside the head"
+    assert (out[3, 3] == 255).all(), "burnt-in text is not part of the head"
+
+
+def test_overlay_outlines_the_hottest_region_in_cyan():
+    gray = _head_slice()
+    heat = np.zeros_like(gray)
+    heat[40:56, 40:56] = 1.0
+    out = np.asarray(xai.overlay(gray, heat, alpha=0.6)).astype(int)
+    cyan = (out[..., 0] < 60) & (out[..., 1] > 200) & (out[..., 2] > 200)
+    ys, xs = np.nonzero(cyan)
+    assert len(ys) > 40 and ys.min() >= 38 and ys.max() <= 57 and xs.min() >= 38 and xs.max() <= 57
+    assert not cyan[48, 48], "the outline circles the region; its inside shows the heat"
+
+
+def test_overlay_rejects_bad_options_and_shows_heat_when_no_head_is_found():
+    gray, heat = np.zeros((10, 20), np.float32), np.ones((10, 20), np.float32)
+    assert np.asarray(xai.overlay(gray, heat, alpha=1.0)).max() > 0, "an all-black image still shows its heatmap"
     with pytest.raises(ValueError, match="opacity"):
         xai.overlay(gray, heat, alpha=1.5)
     with pytest.raises(ValueError, match="differs from the image"):
         xai.overlay(gray, heat[:, :5])
+
+
+def test_scorecam_matches_the_library_when_every_channel_is_scored(model, batch):
+    from pytorch_grad_cam import ScoreCAM
+
+    x, targets = batch
+    ours = xai.scorecam(model, x[:2], targets[:2], "layer3", channels=None)
+    with ScoreCAM(model=model, target_layers=[model.layer3[-1]]) as cam:
+        cam.batch_size = 256
+        library = cam(input_tensor=x[:2], targets=[ClassifierOutputTarget(int(t)) for t in targets[:2]])
+    assert library.max() > 0.99
+    np.testing.assert_allclose(ours, library, atol=0.02)  # same maps; float sums differ in order
+    assert np.corrcoef(ours.ravel(), library.ravel())[0, 1] > 0.999
+
+
+def test_scorecam_cost_is_bounded(model, batch):
+    x, targets = batch
+    top = xai.scorecam(model, x[:1], targets[:1], "layer4", channels=16)
+    assert top.shape == (1, 64, 64) and np.isfinite(top).all() and 0.0 <= top.min() <= top.max() <= 1.0
+    with pytest.raises(xai.ExplanationTimeout, match="scorecam stopped after 0 s.*use gradcam"):
+        xai.scorecam(model, x[:1], targets[:1], "layer4", budget_s=0.0)
+    assert "scorecam" in xai.SLOW_METHODS and "gradcam" not in xai.SLOW_METHODS

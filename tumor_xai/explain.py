@@ -33,12 +33,15 @@ from tumor_xai.model import features_and_logits
 
 __all__ = [
     "COLORMAPS",
+    "DEFAULT_ALPHA",
+    "DEFAULT_COLORMAP",
     "DEFAULT_LAYER",
     "DEFAULT_METHOD",
     "METHODS",
     "check_colormap",
     "check_method",
     "explain_batch",
+    "head_mask",
     "gradcam_from_features",
     "is_fast_path",
     "normalize_cams",
@@ -185,18 +188,64 @@ def explain_batch(
     return _library_cams(model, x, targets, method, layer)
 
 
-def overlay(gray: np.ndarray, heatmap: np.ndarray, colormap: str = "jet", alpha: float = 0.4) -> Image.Image:
-    """Blend ``heatmap`` (H x W in [0, 1]) over the slice ``gray`` (H x W in [0, 1]) as an RGB image.
+DEFAULT_COLORMAP = "inferno"
+DEFAULT_ALPHA = 0.6
+# Heat below FLOOR is not drawn and reaches full opacity at FLOOR + RAMP: the cool rest of the map would
+# otherwise wash the whole slice in colour. OUTLINE marks the hottest region, where the model looked most.
+FLOOR, RAMP, OUTLINE = 0.2, 0.4, 0.6
 
-    ``alpha`` is the heatmap's opacity: 0 shows the slice only, 1 the heatmap only.
+
+def head_mask(gray: np.ndarray, threshold: float = 0.04) -> np.ndarray:
+    """Boolean (H, W) mask of the head: tissue above ``threshold``, smoothed, holes filled, specks dropped.
+
+    Like :func:`tumor_xai.augment.head_region` for training, at the image's own resolution: the black frame,
+    burnt-in text and scanner labels stay outside, the dark CSF and skull inside the head stay in.
+    """
+    h, w = gray.shape
+    k = max(3, round(15 * min(h, w) / 224)) | 1
+    density = cv2.blur((gray > threshold).astype(np.float32), (k, k))
+    tissue = (density > 0.3).astype(np.uint8)
+    contours, _ = cv2.findContours(tissue, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    keep = [c for c in contours if cv2.contourArea(c) >= 0.02 * h * w]
+    mask = np.zeros((h, w), np.uint8)
+    cv2.drawContours(mask, keep, -1, 1, thickness=cv2.FILLED)
+    return mask.astype(bool)
+
+
+def overlay(
+    gray: np.ndarray,
+    heatmap: np.ndarray,
+    colormap: str = DEFAULT_COLORMAP,
+    alpha: float = DEFAULT_ALPHA,
+    *,
+    outline: bool = True,
+) -> Image.Image:
+    """Draw ``heatmap`` (H x W in [0, 1]) over the slice ``gray`` (H x W in [0, 1]) as an RGB image.
+
+    Heat is drawn only inside the head and only where it is warm: its opacity rises from 0 at
+    ``FLOOR`` to ``alpha`` at ``FLOOR + RAMP``, so the slice stays readable around the hot spot. With
+    ``outline`` the hottest region (heat >= ``OUTLINE``) is circled in cyan, which no colour map here uses
+    for heat. ``alpha`` 0 shows the slice only. A slice with no head found (an empty or odd image) gets
+    the heat everywhere, so a heatmap is never silently hidden.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha (heatmap opacity) must be in [0, 1], got {alpha}")
     if gray.shape != heatmap.shape:
         raise ValueError(f"heatmap shape {heatmap.shape} differs from the image's {gray.shape}")
     cmap = check_colormap(colormap)
-    heat = cv2.applyColorMap(np.round(np.clip(heatmap, 0, 1) * 255).astype(np.uint8), cmap)
-    heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB).astype(np.float32)  # OpenCV colormaps are BGR
-    base = np.repeat(np.clip(gray, 0, 1)[..., None] * 255.0, 3, axis=2)
-    blended = (1.0 - alpha) * base + alpha * heat
-    return Image.fromarray(np.round(blended).astype(np.uint8))
+    heat = np.clip(np.nan_to_num(heatmap.astype(np.float32)), 0.0, 1.0)
+    head = head_mask(gray)
+    if not head.any():
+        head = np.ones_like(head)
+    heat = np.where(head, heat, 0.0)
+    color = cv2.applyColorMap(np.round(heat * 255).astype(np.uint8), cmap)
+    color = cv2.cvtColor(color, cv2.COLOR_BGR2RGB).astype(np.float32)  # OpenCV colormaps are BGR
+    base = np.repeat(np.clip(gray, 0, 1)[..., None].astype(np.float32) * 255.0, 3, axis=2)
+    a = (alpha * np.clip((heat - FLOOR) / RAMP, 0.0, 1.0))[..., None]
+    out = np.round((1.0 - a) * base + a * color).astype(np.uint8)
+    if outline and alpha > 0:
+        hot = (heat >= OUTLINE).astype(np.uint8)
+        contours, _ = cv2.findContours(hot, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        thickness = max(1, round(min(gray.shape) / 224))
+        cv2.drawContours(out, contours, -1, (0, 255, 255), thickness=thickness, lineType=cv2.LINE_AA)
+    return Image.fromarray(out)

@@ -105,8 +105,8 @@ class Predictor:
         method: str,
         target: str | None = None,
         layer: str | None = None,
-        colormap: str = "jet",
-        alpha: float = 0.4,
+        colormap: str = xai.DEFAULT_COLORMAP,
+        alpha: float = xai.DEFAULT_ALPHA,
     ) -> None:
         """Raise ``ValueError`` listing the valid choices if an explanation option is unknown."""
         xai.check_method(method)
@@ -131,8 +131,8 @@ class Predictor:
         method: str = xai.DEFAULT_METHOD,
         target: str | None = None,
         layer: str | None = None,
-        colormap: str = "jet",
-        alpha: float = 0.4,
+        colormap: str = xai.DEFAULT_COLORMAP,
+        alpha: float = xai.DEFAULT_ALPHA,
     ) -> Prediction:
         """Classify one slice; with ``explain``, also a heatmap of ``target`` (default: the predicted class).
 
