@@ -20,8 +20,11 @@ them a private copy of the model so its hook-free forwards never meet a hook.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
+import time
+import weakref
 
 import cv2
 import numpy as np
@@ -38,6 +41,8 @@ __all__ = [
     "DEFAULT_LAYER",
     "DEFAULT_METHOD",
     "METHODS",
+    "SLOW_METHODS",
+    "ExplanationTimeout",
     "check_colormap",
     "check_method",
     "explain_batch",
@@ -47,6 +52,7 @@ __all__ = [
     "normalize_cams",
     "overlay",
     "resolve_layer",
+    "scorecam",
 ]
 
 logger = logging.getLogger(__name__)
@@ -64,13 +70,25 @@ METHODS = {
 }
 DEFAULT_METHOD = "gradcam"
 DEFAULT_LAYER = "layer4"
-# ScoreCAM runs one forward pass per channel of the target layer; larger batches are faster on CPU.
-SCORECAM_BATCH = 64
+# ScoreCAM runs one forward pass per channel it scores. The library scores every channel of the
+# target layer (512 on layer4: about a minute on one CPU thread); here only the SCORECAM_CHANNELS
+# most active ones (the channel selection of Faster Score-CAM), in batches, and a request that still
+# runs past SCORECAM_BUDGET_S seconds stops with ExplanationTimeout instead of holding the server.
+SCORECAM_BATCH = 32
+SCORECAM_CHANNELS = 64
+SCORECAM_BUDGET_S = 30.0
+# Methods that take over a second per image on a CPU thread: the app runs them in a queue of their own.
+SLOW_METHODS = ("scorecam",)
 
 COLORMAPS = {name[len("COLORMAP_") :].lower(): getattr(cv2, name) for name in dir(cv2) if name.startswith("COLORMAP_")}
 
 # One lock for every hook-based CAM in the process: hooks live on modules, not threads.
 _HOOK_LOCK = threading.Lock()
+_HOOK_FREE_COPIES: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
+
+
+class ExplanationTimeout(RuntimeError):
+    """An explanation ran past its time budget; the message says which method and what to use instead."""
 
 
 def check_method(method: str) -> str:
@@ -141,9 +159,72 @@ def normalize_cams(cams: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
+def _activations(model: nn.Module, x: torch.Tensor, layer: str | None) -> torch.Tensor:
+    """The output of ``layer`` (a ResNet stage or block) by running the stem and stages up to it: no hooks."""
+    target = resolve_layer(model, layer)
+    x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+    for i in range(1, 5):
+        for block in getattr(model, f"layer{i}"):
+            x = block(x)
+            if block is target:
+                return x
+    raise ValueError(f"layer {layer!r} is not a block of this model")  # resolve_layer accepted it, so unreachable
+
+
+def scorecam(
+    model: nn.Module,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    layer: str | None = None,
+    channels: int | None = SCORECAM_CHANNELS,
+    budget_s: float | None = SCORECAM_BUDGET_S,
+    batch_size: int = SCORECAM_BATCH,
+) -> np.ndarray:
+    """Score-CAM (Wang et al. 2020) as pytorch-grad-cam computes it, on the ``channels`` most active channels.
+
+    Each channel's map, upsampled and min-max scaled, masks the input; the target logit of the masked
+    input scores the channel, and the heatmap is the channels' maps weighted by the softmax of their
+    scores. ``channels=None`` scores every channel (the library's numbers); a channel left out of the
+    top ``channels`` by mean activation gets weight 0. Hook-free and read-only on ``model``, so it needs
+    no lock. Raises :class:`ExplanationTimeout` when it runs past ``budget_s`` seconds.
+    """
+    start = time.monotonic()
+    size = x.shape[-2:]
+    cams = []
+    with torch.inference_mode():
+        acts = _activations(model, x, layer)
+        for xi, act, t in zip(x, acts, targets.tolist(), strict=True):
+            keep = act.mean(dim=(1, 2)).argsort(descending=True)[:channels] if channels else torch.arange(len(act))
+            up = torch.nn.functional.interpolate(act[keep][None], size=size, mode="bilinear", align_corners=True)[0]
+            lo, hi = up.amin(dim=(1, 2), keepdim=True), up.amax(dim=(1, 2), keepdim=True)
+            masks = (up - lo) / (hi - lo + 1e-8)
+            scores = []
+            for i in range(0, len(masks), batch_size):
+                if budget_s is not None and time.monotonic() - start > budget_s:
+                    raise ExplanationTimeout(
+                        f"scorecam stopped after {budget_s:.0f} s (it runs one forward pass per channel); "
+                        "use gradcam or another method for this image"
+                    )
+                scores.append(model(xi[None] * masks[i : i + batch_size, None])[:, t])
+            weights = torch.softmax(torch.cat(scores).float(), dim=0)
+            cams.append(torch.einsum("k,khw->hw", weights, act[keep].float()))
+    return normalize_cams(torch.stack(cams).clamp_min(0).numpy(), x.shape[-1])
+
+
+def _hook_free_copy(model: nn.Module) -> nn.Module:
+    # ScoreCAM takes no lock, so it must never run through a model that a locked method has hooked:
+    # it gets a copy of its own, made under the lock (when no hooks are on ``model``) and kept.
+    with _HOOK_LOCK:
+        if model not in _HOOK_FREE_COPIES:
+            _HOOK_FREE_COPIES[model] = copy.deepcopy(model).eval()
+        return _HOOK_FREE_COPIES[model]
+
+
 def _library_cams(
     model: nn.Module, x: torch.Tensor, targets: torch.Tensor, method: str, layer: str | None
 ) -> np.ndarray:
+    if method == "scorecam":
+        return scorecam(_hook_free_copy(model), x, targets, layer)
     # Gradients are needed (except for EigenCAM/ScoreCAM), and an inference-mode tensor cannot enter
     # autograd: clone it into an ordinary tensor first.
     import pytorch_grad_cam
@@ -154,8 +235,6 @@ def _library_cams(
     with _HOOK_LOCK, torch.enable_grad():
         cam = getattr(pytorch_grad_cam, METHODS[method])(model=model, target_layers=[target_module])
         try:
-            if method == "scorecam":
-                cam.batch_size = SCORECAM_BATCH
             maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets])
         finally:
             cam.activations_and_grads.release()  # remove the hooks before anyone else runs the model
