@@ -467,3 +467,94 @@ def test_fuzzed_bytes_only_raise_invalid_image_error():
             outcomes["ok"] += 1
     assert outcomes["refused"] > 100  # most truncations must be caught, not decoded as garbage silently
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+# ---------------------------------------------------------------------------------------------
+# Large images are reduced while decoding
+
+
+def _blocks(arr: np.ndarray, f: int) -> np.ndarray:
+    h, w = arr.shape[0] // f * f, arr.shape[1] // f * f
+    return arr[:h, :w].reshape(h // f, f, w // f, f).mean(axis=(1, 3))
+
+
+def test_large_png_is_box_reduced_before_conversion():
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (41, 33), dtype=np.uint8)
+    big = np.kron(small, np.ones((100, 100), np.uint8))  # 4100 x 3300: reduced by 4
+    d = load_image(encode(Image.fromarray(big), "PNG"))
+    assert d.size == (1025, 825) and d.info["reduced_from"] == (3300, 4100)
+    np.testing.assert_allclose(d.gray, _blocks(big.astype(np.float32), 4) / 255.0, atol=1 / 255)
+
+
+def test_large_16bit_palette_and_rgba_images_keep_their_meaning():
+    ramp = np.tile(np.linspace(0, 4095, 2200).astype(np.uint16), (2100, 1))  # 12-bit values in 16-bit PNG
+    d = load_image(encode(Image.fromarray(ramp), "PNG"))
+    assert d.size == (1050, 1100) and d.info["source"] == "PNG 16-bit"
+    np.testing.assert_allclose(d.gray[:, -1], 4095 / 4095, atol=2e-3)
+    pal = Image.fromarray(np.where(np.arange(2048)[None, :] < 1024, 10, 200).astype(np.uint8).repeat(2048, 0))
+    pal = pal.convert("P")
+    d = load_image(encode(pal, "PNG"))
+    assert d.size == (1024, 1024) and abs(d.gray[0, 0] - 10 / 255) < 0.01 and abs(d.gray[0, -1] - 200 / 255) < 0.01
+    rgba = np.zeros((2048, 2048, 4), np.uint8)
+    rgba[..., :3], rgba[:, :1024, 3] = 200, 255  # right half transparent: black once composited
+    d = load_image(encode(Image.fromarray(rgba), "PNG"))
+    assert d.size == (1024, 1024) and d.gray[0, 0] == pytest.approx(200 / 255, abs=0.01) and d.gray[0, -1] == 0
+
+
+def test_large_jpeg_is_decoded_at_a_reduced_scale():
+    yy, xx = np.mgrid[:3000, :4200]
+    img = Image.fromarray(((yy // 300 + xx // 300) % 2 * 200 + 20).astype(np.uint8))
+    d = load_image(encode(img, "JPEG", quality=90))
+    assert d.info["reduced_from"] == (4200, 3000)
+    assert 1024 <= max(d.size) < 2048 and d.size[1] / d.size[0] == pytest.approx(1.4, abs=0.01)
+    assert abs(float(d.gray.mean()) - 120 / 255) < 0.02
+
+
+def test_images_below_twice_the_decode_side_are_untouched():
+    d = load_image(encode(Image.fromarray(np.zeros((2047, 300), np.uint8)), "PNG"))
+    assert d.size == (2047, 300) and "reduced_from" not in d.info
+
+
+# ---------------------------------------------------------------------------------------------
+# pydicom is needed only for DICOM
+
+
+def test_training_and_evaluation_import_without_pydicom(tmp_path):
+    import subprocess
+    import sys
+
+    jpeg = tmp_path / "slice.jpg"
+    jpeg.write_bytes(encode(Image.fromarray(gradient()), "JPEG"))
+    script = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "pydicom" or name.startswith("pydicom."):
+            raise ImportError("pydicom is blocked in this test")
+sys.meta_path.insert(0, Block())
+import tumor_xai.train, tumor_xai.evaluate, tumor_xai.data
+from tumor_xai.decode import InvalidImageError, load_image
+assert load_image({str(jpeg)!r}).size == (48, 64)
+try:
+    load_image({str(dicom_file("MR_small.dcm"))!r})
+except InvalidImageError as exc:
+    assert "needs the pydicom package" in str(exc), exc
+else:
+    raise AssertionError("a DICOM decoded without pydicom")
+assert not any(m == "pydicom" or m.startswith("pydicom.") for m in sys.modules)
+print("ok")
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns while *writing* "Whole Body" (not a CS value)
+def test_dicom_body_part_is_echoed_only_from_the_closed_set():
+    ds = pydicom.dcmread(dicom_file("MR_small.dcm"))
+    assert "BodyPartExamined" not in load_image(dicom_bytes(ds)).info
+    ds.BodyPartExamined = "Whole Body"
+    assert load_image(dicom_bytes(ds)).info["BodyPartExamined"] == "WHOLEBODY"
+    ds.BodyPartExamined = MARKER[:16]
+    info = load_image(dicom_bytes(ds)).info
+    assert info["BodyPartExamined"] == "other" and MARKER[:16] not in repr(info)
