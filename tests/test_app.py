@@ -1,9 +1,10 @@
-"""The Gradio app: it builds without launching, reads its settings, and a real server answers a real client.
+"""The Gradio app: it builds without launching, and a real server answers a real client.
 
-One server runs for the whole module (``python app.py`` in a subprocess, as a Space runs it), with a
-short cache lifetime so the deletion of uploads can be observed. It serves the shipped ``weights/``
-when they exist and an untrained 64 px model otherwise; the test that needs correct answers skips
-without the shipped weights.
+One server runs for most of the module (``python app.py`` in a subprocess, as a Space runs it), with
+a short cache lifetime so the deletion of uploads can be observed; the shutdown tests start their own
+and stop it with a signal. It serves the shipped ``weights/`` when they exist and an untrained 64 px
+model otherwise; the test that needs correct answers skips without the shipped weights. Nothing of
+Gradio, Pillow or pydicom is mocked: real files go through real HTTP.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import csv
 import importlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -64,7 +66,7 @@ def start_app(weights: Path, cache_dir: Path, *extra: str, timeout: float = 90.0
 
 
 def stop_app(proc: subprocess.Popen) -> None:
-    proc.terminate()
+    proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(timeout=15)
     except subprocess.TimeoutExpired:
@@ -76,11 +78,16 @@ def served_weights(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def served(tmp_path_factory) -> Path:
+    return served_weights(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, served):
     cache = tmp_path_factory.mktemp("app-server") / "cache"
     cache.mkdir()
     proc, url = start_app(
-        served_weights(tmp_path_factory),
+        served,
         cache,
         "--cache-frequency",
         str(CACHE_FREQUENCY),
@@ -130,43 +137,36 @@ def test_import_builds_the_interface_once_without_launching(fresh_app):
     assert loads == [os.environ["TUMOR_XAI_WEIGHTS"]], "the model must be loaded exactly once, at import"
     assert getattr(app.demo, "server", None) is None and not app.demo.is_running
     assert app.demo.analytics_enabled is False and os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
-    api_names = {fn.api_name for fn in app.demo.fns.values()}
-    assert {"predict", "predict_batch"} <= api_names
+    public = {fn.api_name: fn for fn in app.demo.fns.values() if fn.api_visibility == "public"}
+    assert set(public) == {"predict", "explain", "predict_batch"}
+    assert public["explain"].concurrency_id != public["predict"].concurrency_id
+    assert public["explain"].concurrency_limit == 1
+    # Endpoints are declared, not hung on invisible buttons.
+    assert not [b for b in app.demo.blocks.values() if isinstance(b, gr.Button) and not b.visible]
     # The target choices come from the weights' class names, never from a list in the app.
     dropdowns = [b for b in app.demo.blocks.values() if isinstance(b, gr.Dropdown) and b.elem_id == "target"]
     assert [c[1] for c in dropdowns[0].choices] == ["predicted", "alpha", "beta", "notumor", "delta"]
 
 
-def test_settings_follow_cli_then_own_env_then_space_env(fresh_app):
+def test_flags_fall_back_to_the_environment_and_leave_the_address_to_gradio(fresh_app, monkeypatch, capsys):
     app, _ = fresh_app
-
-    space = {"GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": "7000"}
-    s = app.parse_args([], environ=space)
-    assert (s.host, s.port, s.share, s.weights) == ("0.0.0.0", 7000, False, None)
-    s = app.parse_args(
-        [], environ={**space, "TUMOR_XAI_PORT": "7100", "TUMOR_XAI_SHARE": "true", "TUMOR_XAI_CACHE_AGE": "5"}
-    )
-    assert (s.port, s.share, s.cache_age) == (7100, True, 5)
-    s = app.parse_args(
-        ["--port", "7200", "--no-share", "--weights", "w"], environ={"TUMOR_XAI_PORT": "7100", "TUMOR_XAI_SHARE": "1"}
-    )
-    assert (s.port, s.share, s.weights) == (7200, False, "w")
-    assert app.parse_args([], environ={}).host == "127.0.0.1" and app.parse_args([], environ={}).port == 7860
-
-
-def test_malformed_setting_names_the_variable(fresh_app):
-    app, _ = fresh_app
-
-    with pytest.raises(SystemExit, match="TUMOR_XAI_PORT='seventy' is not a whole number"):
-        app.parse_args([], environ={"TUMOR_XAI_PORT": "seventy"})
-    with pytest.raises(SystemExit, match="GRADIO_SHARE='maybe' is not a yes/no value"):
-        app.parse_args([], environ={"GRADIO_SHARE": "maybe"})
+    args = app.get_args_parser().parse_args([])
+    assert (args.host, args.port, args.share) == (None, None, None)  # launch() reads GRADIO_SERVER_NAME etc.
+    assert (args.concurrency, args.cache_age, args.max_batch) == (2, 900, 32)
+    monkeypatch.setenv("TUMOR_XAI_CACHE_AGE", "5")
+    args = app.get_args_parser().parse_args(["--max-batch", "3", "--host", "0.0.0.0", "--share"])
+    assert (args.cache_age, args.max_batch, args.host, args.share) == (5, 3, "0.0.0.0", True)
+    monkeypatch.setenv("TUMOR_XAI_CONCURRENCY", "zero")
+    with pytest.raises(SystemExit):
+        app.get_args_parser().parse_args([])
+    assert "--concurrency: 'zero' is not a whole number of at least 1" in capsys.readouterr().err
 
 
 def test_missing_weights_stop_start_up_with_instructions(tmp_path):
     out = subprocess.run(
         [sys.executable, str(REPO / "app.py"), "--weights", str(tmp_path / "nowhere"), "--port", str(free_port())],
         cwd=REPO,
+        env=dict(os.environ, GRADIO_TEMP_DIR=str(tmp_path / "cache")),
         capture_output=True,
         text=True,
         timeout=60,
@@ -174,9 +174,18 @@ def test_missing_weights_stop_start_up_with_instructions(tmp_path):
     assert out.returncode == 2
     assert "cannot start" in out.stderr and "python -m tumor_xai.train" in out.stderr
     assert "Traceback" not in out.stderr
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
 
 
 # ----------------------------------------------------------------------------- a real server
+
+
+@pytest.mark.slow
+def test_start_up_prints_no_warning(server):
+    _, cache = server
+    log = next(cache.parent.glob("app-*.log")).read_text()
+    assert "Running on local URL" in log
+    assert "warn" not in log.lower(), log
 
 
 @pytest.mark.slow
@@ -187,28 +196,75 @@ def test_missing_weights_stop_start_up_with_instructions(tmp_path):
 def test_server_classifies_a_real_example_of_each_class(client, cls):
     from gradio_client import handle_file
 
-    label, overlay, details = client.predict(handle_file(str(EXAMPLES / f"{cls}_1.jpg")), api_name="/predict")
-    assert label["label"] == cls == details["label"], details
-    assert {c["label"] for c in label["confidences"]} == set(CLASSES)
-    assert abs(sum(c["confidence"] for c in label["confidences"]) - 1.0) < 1e-4
+    record, overlay = client.predict(handle_file(str(EXAMPLES / f"{cls}_1.jpg")), api_name="/predict")
+    assert record["label"] == cls, record
+    assert abs(sum(record[f"p_{c}"] for c in CLASSES) - 1.0) < 1e-4
     with Image.open(overlay) as im:
         assert im.size == Image.open(EXAMPLES / f"{cls}_1.jpg").size and im.mode == "RGB"
 
 
 @pytest.mark.slow
-def test_server_answers_with_probabilities_first_then_the_overlay_and_details(client):
+def test_server_answers_with_the_prediction_record_and_the_overlay(client, served):
     from gradio_client import handle_file
 
-    label, overlay, details = client.predict(
+    from tumor_xai import Predictor
+
+    record, overlay = client.predict(
         handle_file(str(EXAMPLES / "glioma_1.jpg")), "eigencam", "meningioma", 0.7, api_name="/predict"
     )
-    assert len(label["confidences"]) == len(CLASSES)
-    assert (details["method"], details["target"], details["in_distribution"]) == ("eigencam", "meningioma", True)
-    assert details["tumor_probability"] == pytest.approx(1 - details["probabilities"]["notumor"])
-    assert details["screening_positive"] == (details["tumor_probability"] >= details["screening_threshold"])
+    local = Predictor.from_pretrained(served).predict(
+        EXAMPLES / "glioma_1.jpg", explain=True, method="eigencam", target="meningioma", alpha=0.7
+    )
+    assert list(record) == list(local.to_dict())  # the one record, same keys in the same order
+    for key, value in local.to_dict().items():
+        assert record[key] == (pytest.approx(value, abs=1e-6) if isinstance(value, float) else value), key
     with Image.open(overlay) as ov:
-        assert ov.size == (224, 224) and ov.mode == "RGB"
+        assert ov.size == Image.open(EXAMPLES / "glioma_1.jpg").size and ov.mode == "RGB" and ov.format == "JPEG"
         assert np.asarray(ov).std() > 0
+
+
+@pytest.mark.slow
+def test_slow_methods_have_their_own_endpoint(client):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="scorecam takes seconds per image: the /explain endpoint runs it"):
+        client.predict(handle_file(str(EXAMPLES / "glioma_1.jpg")), "scorecam", api_name="/predict")
+    record, overlay = client.predict(handle_file(str(EXAMPLES / "glioma_1.jpg")), "scorecam", api_name="/explain")
+    assert record["method"] == "scorecam" and Path(overlay).is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("nope", "predicted", 0.5), "method must be one of gradcam"),
+        (("gradcam", "predicted", None), "alpha \\(heatmap opacity\\) must be a number in \\[0, 1\\]; got None"),
+        (("gradcam", "predicted", "abc"), "must be a number in \\[0, 1\\]; got 'abc'"),
+        (("gradcam", "predicted", 3.0), "alpha \\(heatmap opacity\\) must be in \\[0, 1\\], got 3.0"),
+        (("gradcam", "tumour", 0.5), "unknown target class 'tumour'; choose one of"),
+    ],
+)
+def test_every_api_error_has_words(client, args, message):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match=message):
+        client.predict(handle_file(str(EXAMPLES / "glioma_1.jpg")), *args, api_name="/predict")
+
+
+@pytest.mark.slow
+def test_batch_errors_have_words(client):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    one = [handle_file(str(EXAMPLES / "glioma_1.jpg"))]
+    with pytest.raises(AppError, match="method must be one of gradcam, .*; got 'bad'"):
+        client.predict(one, "bad", 0.5, api_name="/predict_batch")
+    with pytest.raises(AppError, match="must be a number in \\[0, 1\\]; got 'abc'"):
+        client.predict(one, "gradcam", "abc", api_name="/predict_batch")
+    with pytest.raises(AppError, match="Add one or more image or DICOM files first"):
+        client.predict([], "gradcam", 0.5, api_name="/predict_batch")
 
 
 @pytest.mark.slow
@@ -222,8 +278,8 @@ def test_bad_file_gets_a_clean_error_and_the_server_keeps_serving(client, tmp_pa
         client.predict(handle_file(str(bad)), api_name="/predict")
     message = str(info.value)
     assert "Traceback" not in message and "/tmp" not in message and str(tmp_path) not in message
-    label, *_ = client.predict(handle_file(str(EXAMPLES / "notumor_1.jpg")), api_name="/predict")
-    assert len(label["confidences"]) == len(CLASSES)
+    record, _ = client.predict(handle_file(str(EXAMPLES / "notumor_1.jpg")), api_name="/predict")
+    assert record["in_distribution"] is not None
 
 
 @pytest.mark.slow
@@ -236,10 +292,9 @@ def test_a_dicom_file_is_answered_like_an_image(client, tmp_path):
         pytest.skip("MR_small.dcm is not bundled with this pydicom version")
     dcm = tmp_path / "slice.dcm"
     shutil.copy(bundled, dcm)
-    label, overlay, details = client.predict(handle_file(str(dcm)), api_name="/predict")
-    assert set(details["probabilities"]) == set(CLASSES)
-    assert abs(sum(details["probabilities"].values()) - 1.0) < 1e-4
-    if details["in_distribution"]:
+    record, overlay = client.predict(handle_file(str(dcm)), api_name="/predict")
+    assert abs(sum(record[f"p_{c}"] for c in CLASSES) - 1.0) < 1e-4
+    if record["in_distribution"]:
         with Image.open(overlay) as ov:
             assert ov.size == (64, 64)  # the overlay has the DICOM slice's own size
 
@@ -250,31 +305,31 @@ def test_out_of_distribution_input_is_not_presented_as_a_normal_answer(client, t
 
     blank = tmp_path / "blank.png"
     Image.fromarray(np.full((256, 256), 128, np.uint8)).save(blank)
-    label, overlay, details = client.predict(handle_file(str(blank)), api_name="/predict")
-    assert label["label"].startswith("Not assessed") and not label.get("confidences")
+    record, overlay = client.predict(handle_file(str(blank)), api_name="/predict")
     assert overlay is None
-    assert details["in_distribution"] is False and details["label"] is None and "blank" in details["ood_reason"]
+    assert record["in_distribution"] is False and record["label"] is None and "blank" in record["ood_reason"]
 
 
 @pytest.mark.slow
-def test_batch_returns_a_table_a_gallery_and_a_csv(client, tmp_path):
+def test_batch_returns_the_record_columns_and_a_csv_a_spreadsheet_cannot_run(client, tmp_path):
     from gradio_client import handle_file
+
+    from tumor_xai.report import batch_columns
 
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    files = [
-        handle_file(str(EXAMPLES / "glioma_1.jpg")),
-        handle_file(str(EXAMPLES / "pituitary_1.jpg")),
-        handle_file(str(bad)),
-    ]
-    table, gallery, csv_path = client.predict(files, api_name="/predict_batch")
-    assert [row[0] for row in table["data"]] == ["glioma_1.jpg", "pituitary_1.jpg", "broken.png"]
-    assert [row[1] for row in table["data"]] == ["ok", "ok", "unreadable"]
-    assert len(gallery) == 2
+    formula = tmp_path / "=1+1.jpg"
+    shutil.copy(EXAMPLES / "pituitary_1.jpg", formula)
+    files = [handle_file(str(EXAMPLES / "glioma_1.jpg")), handle_file(str(formula)), handle_file(str(bad))]
+    rows, csv_path = client.predict(files, "gradcam", 0.5, api_name="/predict_batch")
+    assert [list(r) for r in rows] == [batch_columns(CLASSES)] * 3
+    assert [r["file"] for r in rows] == ["glioma_1.jpg", "=1+1.jpg", "broken.png"]
+    assert [bool(r["error"]) for r in rows] == [False, False, True] and "broken.png" in rows[2]["error"]
+    assert rows[0]["method"] == "gradcam" and abs(sum(rows[0][f"p_{c}"] for c in CLASSES) - 1) < 1e-4
     with open(csv_path, newline="") as f:
-        rows = list(csv.reader(f))
-    assert rows[0][:3] == ["file", "status", "label"] and [f"p_{c}" for c in CLASSES] == rows[0][3:7]
-    assert len(rows) == 4
+        table = list(csv.reader(f))
+    assert table[0] == batch_columns(CLASSES)
+    assert [r[0] for r in table[1:]] == ["glioma_1.jpg", "'=1+1.jpg", "broken.png"]  # a spreadsheet shows text
 
 
 @pytest.mark.slow
@@ -286,10 +341,60 @@ def test_uploads_and_outputs_are_deleted_after_their_lifetime(client, server, tm
     shutil.copy(EXAMPLES / "meningioma_1.jpg", tmp_path / name)
     client.predict(handle_file(str(tmp_path / name)), api_name="/predict")
     assert list(cache.rglob(name)), "the upload should be in the server's cache right after the request"
+    failed = interrupted_upload(server[0])
     deadline = time.monotonic() + CACHE_AGE + 4 * CACHE_FREQUENCY + 10
-    while list(cache.rglob(name)) and time.monotonic() < deadline:
+    while (list(cache.rglob(name)) or stale_files(cache, failed)) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not list(cache.rglob(name)), "the upload outlived the configured cache lifetime"
-    assert not [
-        p for p in cache.rglob("out-*.png") if time.time() - p.stat().st_ctime > CACHE_AGE + 3 * CACHE_FREQUENCY
-    ]
+    assert not stale_files(cache, failed), "a failed upload's bytes outlived the cache lifetime"
+    old = [p for p in cache.rglob("*") if p.is_file() and time.time() - p.stat().st_mtime > CACHE_AGE + 3]
+    assert not old, old
+
+
+def interrupted_upload(url: str, marker: bytes | None = None) -> bytes:
+    """Start a multipart upload, send part of the file and hang up; returns the bytes sent as file content."""
+    marker = marker or uuid.uuid4().hex.encode() * 4096  # 128 KB: past any write buffer, so it reaches the disk
+    host, port = url.removeprefix("http://").split(":")
+    boundary = "tumorxaiboundary"
+    part = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="half.dcm"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode() + marker
+    head = (
+        f"POST /gradio_api/upload HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(part) + 100000}\r\n\r\n"
+    ).encode()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(head + part)
+        time.sleep(1.0)  # the server has written what it received to a staging file
+    return marker
+
+
+def stale_files(cache: Path, marker: bytes) -> list[Path]:
+    return [p for p in cache.rglob("*") if p.is_file() and marker[:32] in p.read_bytes()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_leaves_nothing_in_the_cache(tmp_path, served, sig):
+    from gradio_client import Client, handle_file
+    from pydicom.data import get_testdata_file
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    proc, url = start_app(served, cache)
+    try:
+        client = Client(url, verbose=False)
+        client.predict(handle_file(str(EXAMPLES / "glioma_1.jpg")), api_name="/predict")
+        dcm = tmp_path / "patient.dcm"
+        shutil.copy(get_testdata_file("MR_small.dcm", download=False), dcm)
+        client.predict([handle_file(str(dcm)), handle_file(str(EXAMPLES / "notumor_1.jpg"))], api_name="/predict_batch")
+        marker = interrupted_upload(url)
+        assert [p for p in cache.rglob("*") if p.is_file()], "requests should have left files to delete"
+        assert stale_files(cache, marker), "the interrupted upload should be on disk before the signal"
+    finally:
+        proc.send_signal(sig)
+        code = proc.wait(timeout=30)
+    assert code == 0
+    assert [p for p in cache.rglob("*") if p.is_file()] == []
+    assert list(cache.iterdir()) == []

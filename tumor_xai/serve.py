@@ -1,0 +1,226 @@
+"""What the app does per request, without Gradio: checked options, readable errors, files in the cache.
+
+Every failure a client can cause becomes :class:`RequestError` (a title and a message a person can act
+on), which the app turns into ``gr.Error``. Generated images are JPEG files in the cache root.
+
+Cache hygiene: a folder of the process's own, swept while it runs and deleted at exit.
+
+Gradio keeps uploads and generated files under ``GRADIO_TEMP_DIR``. Its own ``delete_cache`` only
+deletes files it registered, so the staging files of uploads (``tmp*`` in the cache root, left
+behind when an upload fails part-way) and anything written beside them stayed, and a SIGTERM (what
+Spaces, docker and systemd send) ended the process before any clean-up. Here the app gets a folder of
+its own inside ``GRADIO_TEMP_DIR``; :class:`CacheSweeper` deletes every file in it older than the
+configured age, and :func:`install_shutdown` turns SIGTERM into the same orderly stop as Ctrl-C and
+deletes the folder on the way out. Imports nothing from Gradio: it runs before Gradio reads the
+environment.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from tumor_xai import report
+from tumor_xai.decode import InvalidImageError
+from tumor_xai.explain import SLOW_METHODS, ExplanationTimeout
+from tumor_xai.predictor import Prediction, Predictor
+
+__all__ = [
+    "CacheSweeper",
+    "RequestError",
+    "batch_request",
+    "install_shutdown",
+    "predict_request",
+    "private_cache_dir",
+    "request_options",
+    "request_path",
+    "save_jpeg",
+    "slice_image",
+    "sweep",
+]
+
+logger = logging.getLogger(__name__)
+
+# Files directly in the cache root are upload staging files: written continuously while an upload
+# arrives, so one untouched for this long belongs to an upload that failed.
+STALE_STAGING_S = 60.0
+
+
+def private_cache_dir() -> Path:
+    """A new folder inside ``GRADIO_TEMP_DIR`` (default ``<tmp>/gradio``), set as ``GRADIO_TEMP_DIR``.
+
+    Call it before ``import gradio``, which reads the variable at import time.
+    """
+    base = Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio")
+    base.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="tumor-xai-", dir=base))
+    os.environ["GRADIO_TEMP_DIR"] = str(folder)
+    return folder
+
+
+def sweep(root: Path, age: float, staging_age: float = STALE_STAGING_S) -> int:
+    """Delete files under ``root`` not modified for ``age`` seconds (root-level staging files after
+    ``staging_age``) and the folders this empties; returns the number of files deleted."""
+    now, deleted = time.time(), 0
+    for folder, _dirs, files in os.walk(root, topdown=False):
+        limit = min(age, staging_age) if Path(folder) == root else age
+        for name in files:
+            path = os.path.join(folder, name)
+            try:
+                if now - os.lstat(path).st_mtime > limit:
+                    os.remove(path)
+                    deleted += 1
+            except FileNotFoundError:  # deleted by Gradio or a request meanwhile
+                continue
+        if Path(folder) != root:
+            try:
+                os.rmdir(folder)  # only succeeds when empty
+            except OSError:
+                pass
+    return deleted
+
+
+class CacheSweeper(threading.Thread):
+    """Every ``frequency`` seconds, :func:`sweep` ``root`` with ``age``; :meth:`stop` ends it."""
+
+    def __init__(self, root: Path, frequency: float, age: float):
+        super().__init__(name="cache-sweeper", daemon=True)
+        self.root, self.frequency, self.age = Path(root), frequency, age
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.frequency):
+            n = sweep(self.root, self.age)
+            if n:
+                logger.info("deleted %d cached file(s) older than %g s", n, self.age)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+
+def _remove(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    if folder.exists():
+        logger.warning("could not delete the cache folder %s", folder)
+
+
+def install_shutdown(folder: Path) -> None:
+    """SIGTERM stops the server like Ctrl-C (KeyboardInterrupt in the main thread), and ``folder``
+    is deleted when the process exits either way. Call from the main thread."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    atexit.register(_remove, folder)
+
+
+# ----------------------------------------------------------------------------- requests
+
+
+class RequestError(Exception):
+    """A request the server cannot serve, with a short ``title`` and a ``message`` that says why."""
+
+    def __init__(self, message: str, title: str):
+        super().__init__(message)
+        self.message, self.title = message, title
+
+
+def cache_root() -> Path:
+    """Gradio's cache folder, as Gradio itself resolves it."""
+    return Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio")
+
+
+def request_path(file: Any) -> str:
+    """The server path of an uploaded file (a path, or Gradio's FileData as a dict or object)."""
+    path = file.get("path") if isinstance(file, dict) else getattr(file, "path", file)
+    if not path:
+        raise RequestError("Send an image or DICOM file.", "No file")
+    if not Path(path).is_file():
+        raise RequestError("This upload is no longer on the server; upload the file again.", "Upload expired")
+    return str(path)
+
+
+def request_options(method: Any, target: Any, alpha: Any, methods: Sequence[str], predicted: str) -> dict:
+    """``predict`` keyword arguments from untrusted values; ``target == predicted`` explains the top class."""
+    if method in SLOW_METHODS and method not in methods:
+        raise RequestError(f"{method} takes seconds per image: the /explain endpoint runs it, one at a time", "Slow")
+    if method not in methods:
+        raise RequestError(f"method must be one of {', '.join(methods)}; got {method!r}", "Invalid option")
+    try:
+        alpha = float(alpha)
+    except (TypeError, ValueError):
+        raise RequestError(
+            f"alpha (heatmap opacity) must be a number in [0, 1]; got {alpha!r}", "Invalid option"
+        ) from None
+    return {"method": method, "target": None if target in (None, "", predicted) else target, "alpha": alpha}
+
+
+def predict_request(predictor: Predictor, path: str, **options: Any) -> Prediction:
+    """``predictor.predict`` (explained when options are given) with every client-caused failure a RequestError."""
+    try:
+        return predictor.predict(path, explain=bool(options), **options)
+    except InvalidImageError as exc:  # the message names the server's temporary path: show the file's name
+        raise RequestError(str(exc).replace(path, Path(path).name), "Cannot read this file") from None
+    except ValueError as exc:  # an option outside the predictor's choices
+        raise RequestError(str(exc), "Invalid option") from None
+    except ExplanationTimeout as exc:
+        raise RequestError(str(exc), "Explanation took too long") from None
+
+
+def save_jpeg(img: Image.Image | None) -> str | None:
+    """``img`` as a JPEG file of its own in the cache root (Gradio serves a copy; the sweep deletes this one).
+
+    JPEG, not PNG: a tenth of the encoding time and of the bytes sent for an overlay.
+    """
+    if img is None:
+        return None
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    fd, path = tempfile.mkstemp(suffix=".jpg", prefix="out-", dir=root)
+    with os.fdopen(fd, "wb") as f:
+        img.convert("RGB").save(f, format="JPEG", quality=90)
+    return path
+
+
+def slice_image(pred: Prediction) -> Image.Image:
+    """The decoded slice exactly as the model read it (DICOM never renders otherwise)."""
+    return Image.fromarray(np.round(np.clip(pred.image.gray, 0.0, 1.0) * 255.0).astype(np.uint8))
+
+
+def batch_request(
+    predictor: Predictor, files: list[Any] | None, options: dict, max_batch: int, gallery: bool = True
+) -> tuple[list[str], list[dict], list[tuple[str, str]], str]:
+    """Classify ``files``: (columns, rows, overlays as (path, caption), CSV path); bad files are rows.
+
+    ``gallery=False`` skips writing the overlays (the API returns none).
+    """
+    paths = [request_path(f) for f in files or []]
+    if not paths:
+        raise RequestError("Add one or more image or DICOM files first.", "No files")
+    if len(paths) > max_batch:
+        raise RequestError(f"{len(paths)} files is more than the {max_batch} taken at once; split them.", "Too many")
+    names, rows, overlays = predictor.class_names, [], []
+    for path in paths:
+        name = Path(path).name
+        try:
+            pred = predict_request(predictor, path, **options)
+        except RequestError as exc:
+            rows.append(report.batch_row(name, names, None, error=exc.message))
+            continue
+        rows.append(report.batch_row(name, names, pred))
+        if gallery and pred.in_distribution:
+            overlays.append((save_jpeg(pred.overlay), f"{name}: {pred.label} {pred.probabilities[pred.label]:.0%}"))
+    columns = report.batch_columns(names)
+    csv_path = Path(tempfile.mkdtemp(dir=cache_root())) / "tumor-xai-results.csv"
+    report.write_csv(csv_path, rows, columns)
+    return columns, rows, overlays, str(csv_path)
