@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -54,24 +55,36 @@ def tiny_dataset(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("tiny-data"))
 
 
-def make_weights(out: Path, input_size: int = 64, seed: int = 0, **extra_meta) -> Path:
+def make_weights(out: Path, input_size: int = 64, seed: int = 0, arch: str = "resnet_tiny", **extra_meta) -> Path:
+    """An untrained weights folder (default: the ~20 k-parameter ``resnet_tiny``) with test metadata.
+
+    ``extra_meta`` replaces top-level metadata keys (e.g. ``calibration``, ``screening``, ``class_names``).
+    """
     torch.manual_seed(seed)
-    model = build_model("resnet18", len(CLASSES))
+    class_names = extra_meta.get("class_names", CLASSES)
+    model = build_model(arch, len(class_names))
     meta = {
-        "arch": "resnet18",
+        "arch": arch,
         "class_names": CLASSES,
         "preprocessing": PreprocessConfig(input_size=input_size).to_dict(),
         "calibration": {"temperature": 1.0},
-        "screening": {"threshold": 0.5, "target_sensitivity": 0.995},
     }
+    if "notumor" in class_names:  # a screening threshold is defined on P(notumor)
+        meta["screening"] = {"threshold": 0.5, "target_sensitivity": 0.995}
     meta.update(extra_meta)
     return save_weights(model, out, meta)
 
 
+@pytest.fixture(scope="session")
+def tiny_weights_dir(tmp_path_factory) -> Path:
+    """One untrained tiny weights folder at 64 px for the whole session: read it, never write to it."""
+    return make_weights(tmp_path_factory.mktemp("tiny-weights") / "weights")
+
+
 @pytest.fixture()
-def tiny_weights(tmp_path) -> Path:
-    """An untrained ResNet18 weights folder at 64 px."""
-    return make_weights(tmp_path / "weights")
+def tiny_weights(tiny_weights_dir, tmp_path) -> Path:
+    """A private copy of the session's tiny weights folder (a few kB), free to modify."""
+    return Path(shutil.copytree(tiny_weights_dir, tmp_path / "weights"))
 
 
 @pytest.fixture(scope="session")

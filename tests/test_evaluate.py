@@ -12,6 +12,7 @@ from conftest import REPO
 from PIL import Image
 
 from tumor_xai import evaluate as ev
+from tumor_xai import inference
 from tumor_xai.checkpoint import load_weights
 from tumor_xai.data import decode_samples, discover
 from tumor_xai.decode import load_image
@@ -110,18 +111,19 @@ def test_duplicate_free_drops_testing_images_that_copy_training():
 # ------------------------------------------------------------------------------ inference path parity
 
 
-def test_batched_inference_matches_the_predictor(tiny_dataset, tiny_weights):
-    weights = load_weights(tiny_weights)
+def test_batched_inference_matches_the_predictor(tiny_dataset, tmp_path):
+    from conftest import make_weights
+
+    weights = load_weights(make_weights(tmp_path / "w", calibration={"temperature": 1.7}))
     predictor = Predictor(weights)
     samples = discover(tiny_dataset).splits["Testing"][::3]
     split = decode_samples(samples, weights.preprocess.input_size)
-    probs = ev.predict_probabilities(weights.model, split.images, weights.preprocess, temperature=1.7, batch_size=4)
-    predictor.temperature = 1.7
+    probs = ev.predict_probabilities(weights, split.images, batch_size=4)
     for p, s in zip(probs, samples, strict=False):
         single = predictor.predict(s.path).probabilities
         np.testing.assert_allclose(p, [single[c] for c in weights.class_names], atol=1e-5)
     # Corrupted images go through the same path: corrupt the decoded image, then fit_square.
-    noisy = ev.predict_corrupted(weights.model, samples[:2], "noise_0.05", weights.preprocess, 1.7, batch_size=2)
+    noisy = ev.predict_corrupted(weights, samples[:2], "noise_0.05", batch_size=2)
     for i, (p, s) in enumerate(zip(noisy, samples[:2], strict=False)):
         single = predictor.predict(corrupt("noise_0.05", load_image(s.path).gray, seed=i)).probabilities
         np.testing.assert_allclose(p, [single[c] for c in weights.class_names], atol=1e-5)
@@ -133,7 +135,7 @@ def test_batched_inference_matches_the_predictor_when_resizing(tiny_dataset, tmp
     weights = load_weights(make_weights(tmp_path / "w32", input_size=32))  # 64 px images -> 32 px input
     samples = discover(tiny_dataset).splits["Testing"][::4]
     split = decode_samples(samples, 32)
-    probs = ev.predict_probabilities(weights.model, split.images, weights.preprocess)
+    probs = ev.predict_probabilities(weights, split.images)
     predictor = Predictor(weights)
     single = [[predictor.predict(s.path).probabilities[c] for c in weights.class_names] for s in samples]
     np.testing.assert_allclose(probs, single, atol=1e-5)
@@ -232,7 +234,7 @@ def test_localization_explains_true_and_predicted_class(tiny_dataset, tiny_weigh
     idx = sorted(masks)
     preds = test.labels.copy()
     preds[idx[0]] = 2  # one masked image misclassified as notumor
-    inputs = {i: ev._to_model_input(test.images[[i]], weights.preprocess)[0] for i in idx}
+    inputs = {i: inference.to_input(test.images[[i]], weights.preprocess)[0] for i in idx}
     calls = []
 
     def stub(model, x, targets, method="gradcam", layer="layer4"):
@@ -300,8 +302,7 @@ def shipped_official(full_data):
     cfg = weights.preprocess
     samples = discover(full_data).splits["Testing"]
     split = decode_samples(samples, cfg.input_size)
-    temperature = float(weights.metadata.get("calibration", {}).get("temperature", 1.0))
-    probs = ev.predict_probabilities(weights.model, split.images, cfg, temperature, batch_size=64)
+    probs = ev.predict_probabilities(weights, split.images, batch_size=64)
     return classification_metrics(probs, split.labels, weights.class_names), weights.metadata
 
 

@@ -49,7 +49,7 @@ def test_probabilities_follow_the_weights_class_order_and_temperature(tmp_path):
 
 def test_screening_flag_uses_the_stored_threshold(tmp_path):
     image = slice_()
-    never = Predictor.from_pretrained(make_weights(tmp_path / "a", screening={"threshold": 1.01})).predict(image)
+    never = Predictor.from_pretrained(make_weights(tmp_path / "a", screening={"threshold": 1.0})).predict(image)
     always = Predictor.from_pretrained(make_weights(tmp_path / "b", screening={"threshold": 0.0})).predict(image)
     absent = Predictor.from_pretrained(make_weights(tmp_path / "c", screening={})).predict(image)
     assert never.screening_positive is False and always.screening_positive is True

@@ -2,7 +2,7 @@
 
 The heatmap the app shows by default is Grad-CAM on the last block, which for a ResNet's
 average-pool + linear head is the class activation map ``ReLU(sum_k w[c, k] A_k)``
-(:func:`tumor_xai.explain.gradcam_from_features`). :func:`cam_mask_loss` scores that very map,
+(:func:`tumor_xai.inference.class_activation_map`). :func:`cam_mask_loss` scores that very map,
 for the true class, against a mask:
 
 - ``mass``: ``-log`` of the share of the displayed heat inside the mask, the heat-in-mask figure
@@ -17,20 +17,19 @@ the head rather than the black frame around it.
 
 from __future__ import annotations
 
-import csv
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tumor_xai.data import DataError
-from tumor_xai.preprocess import fit_square
+from tumor_xai.data import DataError, read_mask, read_mask_table
+from tumor_xai.inference import class_activation_map
+from tumor_xai.preprocess import fit_square, quantize
 
 __all__ = [
     "CAM_LOSSES",
@@ -62,17 +61,6 @@ class TrainingMasks:
         return int(self.has_mask.sum())
 
 
-def _read_table(masks_dir: Path) -> dict[str, Path]:
-    table = masks_dir / "masks.csv"
-    if not table.is_file():
-        raise DataError(f"No masks.csv in {masks_dir}: point --masks at the brain-tumor-mri-masks folder.")
-    with open(table, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if rows and not {"image", "mask"} <= set(rows[0]):
-        raise DataError(f"{table} lacks the 'image' and 'mask' columns.")
-    return {row["image"]: masks_dir / row["mask"] for row in rows}
-
-
 def load_training_masks(masks_dir: str | Path, data_root: str | Path, paths: list[Path], size: int) -> TrainingMasks:
     """Masks for the images at ``paths`` (files under ``data_root``), put through ``fit_square`` like them.
 
@@ -82,7 +70,7 @@ def load_training_masks(masks_dir: str | Path, data_root: str | Path, paths: lis
     none of ``paths``.
     """
     masks_dir, data_root = Path(masks_dir), Path(data_root)
-    table = _read_table(masks_dir)
+    table = read_mask_table(masks_dir)
     jobs = [(i, table[key]) for i, p in enumerate(paths) if (key := Path(p).relative_to(data_root).as_posix()) in table]
     if not jobs:
         raise DataError(
@@ -91,19 +79,16 @@ def load_training_masks(masks_dir: str | Path, data_root: str | Path, paths: lis
 
     def read(job: tuple[int, Path]) -> np.ndarray:
         i, mask_path = job
-        mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
-        if mask is None:
-            raise DataError(f"Cannot read mask {mask_path} listed in {masks_dir / 'masks.csv'}.")
+        mask = read_mask(mask_path)
         with Image.open(paths[i]) as im:
             width, height = im.size
         if mask.shape != (height, width):
             raise DataError(
                 f"Mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image {paths[i]} is {width}x{height}."
             )
-        if not (mask > 127).any():
+        if not mask.any():
             raise DataError(f"Mask {mask_path} is empty.")
-        square, _ = fit_square((mask > 127).astype(np.float32), size)
-        return np.round(square * 255.0).astype(np.uint8)
+        return quantize(fit_square(mask.astype(np.float32), size)[0])
 
     out = np.zeros((len(paths), size, size), dtype=np.uint8)
     has = np.zeros(len(paths), dtype=bool)
@@ -112,15 +97,6 @@ def load_training_masks(masks_dir: str | Path, data_root: str | Path, paths: lis
             out[i], has[i] = square, True
     logger.info("matched %d masks to %d images", len(jobs), len(paths))
     return TrainingMasks(out, has)
-
-
-def class_activation_map(
-    fmap: torch.Tensor, fc_weight: torch.Tensor, targets: torch.Tensor, relu: bool = True
-) -> torch.Tensor:
-    """``ReLU(sum_k w[t, k] A_k)`` as float32 ``(N, h, w)``: Grad-CAM on the last block of a GAP + linear head."""
-    weights = fc_weight.float()[targets.long()]
-    cam = torch.einsum("nkhw,nk->nhw", fmap.float(), weights)
-    return cam.clamp_min(0.0) if relu else cam
 
 
 def _displayed(cam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

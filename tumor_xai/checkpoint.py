@@ -11,8 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +29,10 @@ from tumor_xai.preprocess import PreprocessConfig
 __all__ = [
     "DEFAULT_WEIGHTS_DIR",
     "FORMAT_VERSION",
+    "NEGATIVE_CLASS",
     "WEIGHTS_FILE",
     "METADATA_FILE",
+    "Decision",
     "LoadedWeights",
     "WeightsError",
     "atomic_write_bytes",
@@ -44,20 +48,82 @@ WEIGHTS_FILE = "model.safetensors"
 METADATA_FILE = "model.json"
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 EXTRA_PREFIX = "extra."  # tensors stored beside the model's own (e.g. OOD statistics)
+# The class whose complement is "tumour present"; weights may name another in ``screening.negative_class``.
+NEGATIVE_CLASS = "notumor"
 
 
 class WeightsError(RuntimeError):
     """A weights folder is missing, damaged or does not match its metadata."""
 
 
+@dataclass(frozen=True)
+class Decision:
+    """How the weights turn logits into answers: calibration temperature, screening threshold, negative class.
+
+    Read once from the metadata (:meth:`from_metadata`) and used by every consumer, so the app, the
+    Predictor and the evaluation divide by the same temperature and flag at the same threshold.
+    """
+
+    class_names: tuple[str, ...]
+    temperature: float = 1.0
+    threshold: float | None = None  # on P(tumour) = 1 - P(negative class); None: no screening flag
+    negative_class: str | None = NEGATIVE_CLASS  # None when the weights have no such class
+
+    @property
+    def negative_index(self) -> int | None:
+        return None if self.negative_class is None else self.class_names.index(self.negative_class)
+
+    @classmethod
+    def from_metadata(cls, meta: dict) -> Decision:
+        """Validated rules from a weights' metadata; ``ValueError`` saying which value is wrong."""
+        names = tuple(meta["class_names"])
+        temperature = (meta.get("calibration") or {}).get("temperature", 1.0)
+        screening = meta.get("screening") or {}
+        threshold = screening.get("threshold")
+        negative = screening.get("negative_class", NEGATIVE_CLASS)
+        if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not temperature > 0:
+            raise ValueError(f"calibration temperature {temperature!r} must be a positive number; retrain or refit it")
+        if not math.isfinite(temperature):
+            raise ValueError(f"calibration temperature {temperature!r} must be finite; retrain or refit it")
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int | float)):
+            raise ValueError(f"screening threshold {threshold!r} must be a number in [0, 1]")
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"screening threshold {threshold!r} must be in [0, 1]")
+        if negative not in names:
+            if "negative_class" in screening:
+                raise ValueError(f"screening negative class {negative!r} is not one of the classes {list(names)}")
+            negative = None
+        if threshold is not None and negative is None:
+            raise ValueError(f"a screening threshold needs a {NEGATIVE_CLASS!r} class; the classes are {list(names)}")
+        return cls(names, float(temperature), None if threshold is None else float(threshold), negative)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Calibrated class probabilities ``(N, K)`` (float32) from logits ``(N, K)``."""
+        return torch.softmax(logits.float() / self.temperature, dim=1)
+
+    def tumor_probability(self, probs: dict[str, float]) -> float | None:
+        """``1 - P(negative class)`` for one image's probabilities, or ``None`` without that class."""
+        return None if self.negative_class is None else 1.0 - probs[self.negative_class]
+
+    def screening_positive(self, tumor_probability: float | None) -> bool | None:
+        """The high-sensitivity flag: ``None`` when the weights store no threshold."""
+        if tumor_probability is None or self.threshold is None:
+            return None
+        return tumor_probability >= self.threshold
+
+
 class LoadedWeights:
-    """A model in eval mode with its metadata and any extra tensors stored beside it."""
+    """A model in eval mode with its metadata, its :class:`Decision` rules and any extra tensors."""
 
     def __init__(self, model: nn.Module, metadata: dict, extras: dict[str, torch.Tensor], path: Path):
         self.model = model
         self.metadata = metadata
         self.extras = extras
         self.path = path
+        try:
+            self.decision = Decision.from_metadata(metadata)
+        except ValueError as exc:
+            raise WeightsError(f"{exc} ({path})") from exc
 
     @property
     def class_names(self) -> list[str]:

@@ -7,12 +7,14 @@ folder names. Images are decoded once through :mod:`tumor_xai.decode` and :func:
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from tumor_xai.decode import InvalidImageError, load_image
@@ -27,6 +29,8 @@ __all__ = [
     "Sample",
     "decode_samples",
     "discover",
+    "read_mask",
+    "read_mask_table",
     "split_train_val",
 ]
 
@@ -38,6 +42,27 @@ SPLITS = ("Training", "Testing")
 
 class DataError(ValueError):
     """The dataset folder is not laid out or readable as expected."""
+
+
+def read_mask_table(masks_dir: str | Path) -> dict[str, Path]:
+    """``masks.csv`` of a brain-tumor-mri-masks folder: image path under the data root -> its mask file."""
+    masks_dir = Path(masks_dir)
+    table = masks_dir / "masks.csv"
+    if not table.is_file():
+        raise DataError(f"No masks.csv in {masks_dir}: point --masks at the brain-tumor-mri-masks folder.")
+    with open(table, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if rows and not {"image", "mask"} <= set(rows[0]):
+        raise DataError(f"{table} lacks the 'image' and 'mask' columns.")
+    return {row["image"]: masks_dir / row["mask"] for row in rows}
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """A tumour mask file as a boolean array (pixels above mid-grey); :class:`DataError` if unreadable."""
+    mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if mask is None:
+        raise DataError(f"Cannot read mask {path} listed in masks.csv.")
+    return mask > 127
 
 
 @dataclass(frozen=True)

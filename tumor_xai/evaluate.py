@@ -24,7 +24,6 @@ mask?) and the share of heatmap mass inside the mask, each beside what a uniform
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import sys
@@ -37,16 +36,24 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from torch import nn
 from tqdm import tqdm
 
+from tumor_xai import inference
 from tumor_xai.checkpoint import LoadedWeights, WeightsError, load_weights, update_metadata
-from tumor_xai.data import DataError, DecodedSplit, KaggleDataset, Sample, decode_samples, discover
+from tumor_xai.data import (
+    DataError,
+    DecodedSplit,
+    KaggleDataset,
+    Sample,
+    decode_samples,
+    discover,
+    read_mask,
+    read_mask_table,
+)
 from tumor_xai.decode import load_image
 from tumor_xai.duplicates import DEFAULT_THRESHOLD, near_duplicate_pairs
 from tumor_xai.metrics import classification_metrics, reliability_bins
-from tumor_xai.model import features_and_logits
-from tumor_xai.preprocess import Geometry, PreprocessConfig, fit_square, normalize_quantized, quantize
+from tumor_xai.preprocess import Geometry, fit_square, quantize
 from tumor_xai.stress import CORRUPTIONS, corrupt
 
 __all__ = [
@@ -112,56 +119,33 @@ def _batches(n: int, batch_size: int) -> Iterator[slice]:
         yield slice(start, min(n, start + batch_size))
 
 
-def _to_model_input(squares: np.ndarray, cfg: PreprocessConfig) -> torch.Tensor:
-    """Quantised fit_square outputs ``(N, S, S)`` uint8 -> the model's input ``(N, 1, S, S)``."""
-    return normalize_quantized(torch.from_numpy(np.ascontiguousarray(squares))[:, None], cfg)
+def predict_probabilities(weights: LoadedWeights, squares: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """Calibrated class probabilities ``(N, K)`` for fit_square outputs ``(N, S, S)`` uint8, in batches.
 
-
-def _probabilities(model: nn.Module, x: torch.Tensor, temperature: float) -> np.ndarray:
-    with torch.inference_mode():
-        _, logits = features_and_logits(model, x.to(next(model.parameters()).device))
-    return torch.softmax(logits.float().cpu() / temperature, dim=1).numpy()
-
-
-def predict_probabilities(
-    model: nn.Module,
-    squares: np.ndarray,
-    cfg: PreprocessConfig,
-    temperature: float = 1.0,
-    batch_size: int = 32,
-    desc: str = "predict",
-) -> np.ndarray:
-    """Calibrated class probabilities ``(N, K)`` for fit_square outputs ``(N, S, S)``, in batches."""
-    out = [
-        _probabilities(model, _to_model_input(squares[sl], cfg), temperature)
-        for sl in tqdm(list(_batches(len(squares), batch_size)), desc=desc, leave=False)
-    ]
-    return np.concatenate(out)
+    The same forward (:func:`tumor_xai.inference.forward`) and temperature as the Predictor.
+    """
+    logits = inference.forward(weights.model, squares, weights.preprocess, batch_size).logits
+    return weights.decision.probabilities(logits).numpy()
 
 
 def predict_corrupted(
-    model: nn.Module,
-    samples: list[Sample],
-    corruption: str,
-    cfg: PreprocessConfig,
-    temperature: float = 1.0,
-    batch_size: int = 32,
-    workers: int = 4,
+    weights: LoadedWeights, samples: list[Sample], corruption: str, batch_size: int = 32, workers: int = 4
 ) -> np.ndarray:
     """Probabilities for ``samples`` after the named corruption: decode -> corrupt -> fit_square -> model.
 
     The corruption's seed is the sample's index, so a run is reproducible and images get different noise.
     """
+    size = weights.preprocess.input_size
 
     def square(i: int) -> np.ndarray:
         gray = corrupt(corruption, load_image(samples[i].path).gray, seed=i)
-        return quantize(fit_square(gray, cfg.input_size)[0])
+        return quantize(fit_square(gray, size)[0])
 
     out = []
     with ThreadPoolExecutor(workers) as pool:
         for sl in tqdm(list(_batches(len(samples), batch_size)), desc=corruption, leave=False):
             squares = np.stack(list(pool.map(square, range(sl.start, sl.stop))))
-            out.append(_probabilities(model, _to_model_input(squares, cfg), temperature))
+            out.append(predict_probabilities(weights, squares, batch_size))
     return np.concatenate(out)
 
 
@@ -226,25 +210,9 @@ def score_heatmap(heatmap: np.ndarray, mask: np.ndarray, tolerance: float | None
 
 def load_masks(masks_dir: Path, dataset: KaggleDataset, split: str = "Testing") -> dict[int, np.ndarray]:
     """Boolean masks keyed by the index of their image in ``dataset.splits[split]``, from ``masks.csv``."""
-    table = masks_dir / "masks.csv"
-    if not table.is_file():
-        raise DataError(f"No masks.csv in {masks_dir}: point --masks at the brain-tumor-mri-masks folder.")
+    table = read_mask_table(masks_dir)
     index = {s.path.relative_to(dataset.root).as_posix(): i for i, s in enumerate(dataset.splits[split])}
-    masks: dict[int, np.ndarray] = {}
-    with open(table, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if rows and not {"image", "mask"} <= set(rows[0]):
-        raise DataError(f"{table} lacks the 'image' and 'mask' columns.")
-    for row in rows:
-        i = index.get(row["image"])
-        if i is None:
-            continue
-        path = masks_dir / row["mask"]
-        mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-        if mask is None:
-            raise DataError(f"Cannot read mask {path} listed in {table}.")
-        masks[i] = mask > 127
-    return masks
+    return {index[image]: read_mask(path) for image, path in table.items() if image in index}
 
 
 def localization(
@@ -290,7 +258,7 @@ def localization(
     def heatmaps(rows: np.ndarray, targets: np.ndarray, method: str, layer: str, desc: str) -> list[np.ndarray]:
         maps: list[np.ndarray] = []
         for sl in tqdm(list(_batches(len(rows), batch_size)), desc=desc, leave=False):
-            x = _to_model_input(test.images[idx[rows[sl]]], cfg).to(next(model.parameters()).device)
+            x = inference.to_input(test.images[idx[rows[sl]]], cfg).to(next(model.parameters()).device)
             squares = explain_batch(model, x, torch.from_numpy(targets[sl]), method=method, layer=layer)
             maps.extend(geometries[r].to_original(m) for r, m in zip(rows[sl], squares, strict=False))
         return maps
@@ -532,9 +500,8 @@ def evaluate(config: EvaluateConfig) -> dict:
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
     cfg, meta = weights.preprocess, weights.metadata
-    temperature = float(meta.get("calibration", {}).get("temperature", 1.0))
-    threshold = meta.get("screening", {}).get("threshold")
-    threshold = None if threshold is None else float(threshold)
+    temperature, threshold = weights.decision.temperature, weights.decision.threshold
+    negative = weights.decision.negative_class
     names = weights.class_names
     logger.info(
         "decoding %d Testing and %d Training images", len(dataset.splits["Testing"]), len(dataset.splits["Training"])
@@ -543,10 +510,10 @@ def evaluate(config: EvaluateConfig) -> dict:
     # Training is decoded only for its duplicate thumbnails, which do not depend on the size.
     train = decode_samples(dataset.splits["Training"], 32, config.skip_unreadable, config.workers)
 
-    probs = predict_probabilities(weights.model, test.images, cfg, temperature, config.batch_size, "Testing")
-    official = classification_metrics(probs, test.labels, names, threshold)
+    probs = predict_probabilities(weights, test.images, config.batch_size)
+    official = classification_metrics(probs, test.labels, names, threshold, negative)
     keep = duplicate_free(test.thumbs, train.thumbs, config.duplicate_threshold)
-    dedup = classification_metrics(probs[keep], test.labels[keep], names, threshold)
+    dedup = classification_metrics(probs[keep], test.labels[keep], names, threshold, negative)
     dedup.update(
         method=DEDUP_METHOD.format(t=config.duplicate_threshold),
         threshold=config.duplicate_threshold,
@@ -580,10 +547,8 @@ def evaluate(config: EvaluateConfig) -> dict:
         kept_samples = [s for s in dataset.splits["Testing"] if s.path in decoded]
         metrics["stress"] = {}
         for name in CORRUPTIONS:
-            p = predict_corrupted(
-                weights.model, kept_samples, name, cfg, temperature, config.batch_size, config.workers
-            )
-            m = classification_metrics(p, test.labels, names, threshold)
+            p = predict_corrupted(weights, kept_samples, name, config.batch_size, config.workers)
+            m = classification_metrics(p, test.labels, names, threshold, negative)
             t = m.get("tumor", {})
             metrics["stress"][name] = {
                 "accuracy": m["accuracy"],

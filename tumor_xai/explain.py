@@ -5,11 +5,11 @@ Every map is computed on the exact tensor the model classified (the output of
 resized bilinearly to the model's square input, as pytorch-grad-cam does; the caller maps it back onto
 the original pixels with :meth:`tumor_xai.preprocess.Geometry.to_original`.
 
-Fast path: a ResNet ends in global average pooling and one linear layer, so the gradient of logit
-``c`` with respect to the last block's map ``A`` (``k`` channels, ``h x w`` cells) is ``W[c, k] / (h*w)``
-at every cell. Grad-CAM on the last block is therefore ``ReLU(sum_k W[c, k] A_k)`` up to a positive
-scale that normalisation removes: no backward pass, no hooks, and it reuses the forward pass that
-produced the prediction.
+Fast path (:func:`tumor_xai.inference.class_activation_map`): a ResNet ends in global average
+pooling and one linear layer, so the gradient of logit ``c`` with respect to the last block's map
+``A`` (``k`` channels, ``h x w`` cells) is ``W[c, k] / (h*w)`` at every cell. Grad-CAM on the last
+block is therefore ``ReLU(sum_k W[c, k] A_k)`` up to a positive scale that normalisation removes: no
+backward pass, no hooks, and it reuses the forward pass that produced the prediction.
 
 Library methods register hooks on the model and keep activations on the CAM object, so two
 concurrent calls on one model would mix each other's tensors (and a plain forward running at the same
@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from tumor_xai.inference import class_activation_map
 from tumor_xai.model import features_and_logits
 
 __all__ = [
@@ -47,7 +48,6 @@ __all__ = [
     "check_method",
     "explain_batch",
     "head_mask",
-    "gradcam_from_features",
     "is_fast_path",
     "normalize_cams",
     "overlay",
@@ -129,15 +129,6 @@ def resolve_layer(model: nn.Module, name: str | None = None) -> nn.Module:
 def is_fast_path(model: nn.Module, method: str, layer: str | None = None) -> bool:
     """True when ``method`` on ``layer`` is plain Grad-CAM on the last block (computable without hooks)."""
     return method == "gradcam" and resolve_layer(model, layer) is model.layer4[-1]
-
-
-def gradcam_from_features(fmap: torch.Tensor, fc_weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Grad-CAM on the last block from its map ``(N, K, h, w)`` and the fc weight ``(classes, K)``.
-
-    Returns the un-normalised maps ``(N, h, w)`` (ReLU applied), one per ``targets[i]``.
-    """
-    weights = fc_weight[targets.long()].to(fmap.dtype)  # (N, K)
-    return torch.einsum("nkhw,nk->nhw", fmap, weights).clamp_min(0)
 
 
 def normalize_cams(cams: np.ndarray, size: int) -> np.ndarray:
@@ -262,7 +253,7 @@ def explain_batch(
     if is_fast_path(model, method, layer):
         with torch.inference_mode():
             fmap, _ = features_and_logits(model, x)
-            cams = gradcam_from_features(fmap, model.fc.weight, targets)
+            cams = class_activation_map(fmap, model.fc.weight, targets)
         return normalize_cams(cams.float().cpu().numpy(), x.shape[-1])
     return _library_cams(model, x, targets, method, layer)
 

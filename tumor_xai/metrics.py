@@ -12,9 +12,10 @@ import logging
 import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
+from tumor_xai.checkpoint import NEGATIVE_CLASS
+
 __all__ = [
     "ECE_BINS",
-    "NO_TUMOR_CLASS",
     "classification_metrics",
     "expected_calibration_error",
     "negative_log_likelihood",
@@ -25,7 +26,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-NO_TUMOR_CLASS = "notumor"
 ECE_BINS = 15
 
 
@@ -110,13 +110,14 @@ def classification_metrics(
     labels: np.ndarray,
     class_names: list[str],
     threshold: float | None = None,
+    negative_class: str | None = NEGATIVE_CLASS,
 ) -> dict:
     """Every figure the project reports for one set of calibrated probabilities ``(N, K)``.
 
     Keys: ``n``, ``accuracy``, ``per_class`` (precision, recall, F1, support), ``macro_f1``,
     ``confusion_matrix`` (rows = true class, columns = predicted, in ``class_names`` order),
     ``tumor`` (sensitivity/specificity at argmax and, when ``threshold`` is given, at
-    ``1 - P(notumor) >= threshold``; absent when there is no ``notumor`` class), ``roc_auc``
+    ``1 - P(negative_class) >= threshold``; absent without that class), ``roc_auc``
     (one-vs-rest, per class and macro), ``ece`` (15 equal-width bins, top-class confidence), ``nll``.
     """
     probs = np.asarray(probs, dtype=np.float64)
@@ -147,8 +148,8 @@ def classification_metrics(
         "macro_f1": float(np.mean(f1)),
         "confusion_matrix": confusion_matrix(labels, pred, labels=list(range(k))).tolist(),
     }
-    if NO_TUMOR_CLASS in class_names:
-        no = class_names.index(NO_TUMOR_CLASS)
+    if negative_class in class_names:
+        no = class_names.index(negative_class)
         is_tumor = labels != no
         tumor_prob = 1.0 - probs[:, no]
         out["tumor"] = {"argmax": sensitivity_specificity(pred != no, is_tumor)}

@@ -2,20 +2,44 @@
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
 from torchvision import models
+from torchvision.models.resnet import BasicBlock
 
 __all__ = ["ARCHITECTURES", "build_model", "features_and_logits", "check_input_size"]
 
-logger = logging.getLogger(__name__)
 
+class TinyResNet(models.ResNet):
+    """A torchvision ResNet with one BasicBlock per stage and narrow widths (about 20 k parameters).
+
+    Same module names and forward as the real ones (``conv1`` ... ``layer4``, ``avgpool``, ``fc``),
+    so every code path (training, Grad-CAM, OOD features) runs on it in milliseconds: for tests and
+    smoke runs, not for accuracy.
+    """
+
+    def __init__(self, weights: None = None, widths: tuple[int, ...] = (4, 8, 16, 32), num_classes: int = 1000):
+        nn.Module.__init__(self)  # ResNet.__init__ would build the 64..512-channel stages first
+        self._norm_layer, self.dilation, self.groups, self.base_width = nn.BatchNorm2d, 1, 1, 64
+        self.inplanes = widths[0]
+        self.conv1 = nn.Conv2d(3, widths[0], kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(BasicBlock, widths[0], 1)
+        self.layer2 = self._make_layer(BasicBlock, widths[1], 1, stride=2)
+        self.layer3 = self._make_layer(BasicBlock, widths[2], 1, stride=2)
+        self.layer4 = self._make_layer(BasicBlock, widths[3], 1, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(widths[3], num_classes)
+
+
+# Name -> (constructor, ImageNet weights or None).
 ARCHITECTURES = {
     "resnet18": (models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1),
     "resnet34": (models.resnet34, models.ResNet34_Weights.IMAGENET1K_V1),
     "resnet50": (models.resnet50, models.ResNet50_Weights.IMAGENET1K_V2),
+    "resnet_tiny": (TinyResNet, None),
 }
 
 
@@ -43,6 +67,8 @@ def build_model(
         raise ValueError(f"unknown pretrained weights {pretrained!r}; the only choice is 'imagenet'")
     ctor, weights_enum = ARCHITECTURES[arch]
     weights = None
+    if pretrained == "imagenet" and weights_enum is None:
+        raise ValueError(f"there are no ImageNet weights for {arch}; leave out --pretrained")
     if pretrained == "imagenet":
         try:
             weights_enum.get_state_dict(progress=False)

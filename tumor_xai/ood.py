@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from tumor_xai import inference
 from tumor_xai.decode import DecodedImage
-from tumor_xai.model import features_and_logits
-from tumor_xai.preprocess import PreprocessConfig, normalize_quantized
+from tumor_xai.preprocess import PreprocessConfig
 
 __all__ = [
     "MAX_ASPECT_RATIO",
@@ -79,14 +79,7 @@ def pooled_features(fmap: torch.Tensor) -> torch.Tensor:
 
 def extract_features(model: nn.Module, images: np.ndarray, cfg: PreprocessConfig, batch_size: int = 64) -> torch.Tensor:
     """Pooled features ``(N, C)`` of uint8 squares ``(N, S, S)`` (``data.decode_samples`` output)."""
-    out = []
-    model.eval()
-    with torch.inference_mode():
-        for i in range(0, len(images), batch_size):
-            x = normalize_quantized(torch.from_numpy(images[i : i + batch_size])[:, None], cfg)
-            fmap, _ = features_and_logits(model, x)
-            out.append(pooled_features(fmap))
-    return torch.cat(out)
+    return inference.forward(model, images, cfg, batch_size).features
 
 
 def _squared_distances(features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:

@@ -19,17 +19,15 @@ import torch
 from torch import nn
 
 from tumor_xai import explain as xai
+from tumor_xai import inference
 from tumor_xai.checkpoint import LoadedWeights, WeightsError, load_weights
 from tumor_xai.decode import DecodedImage, ImageSource, load_image
-from tumor_xai.model import features_and_logits
-from tumor_xai.ood import OodDetector, cheap_checks, pooled_features
-from tumor_xai.preprocess import prepare
+from tumor_xai.ood import OodDetector, cheap_checks
+from tumor_xai.preprocess import fit_square, quantize
 
-__all__ = ["NO_TUMOR_CLASS", "Prediction", "Predictor"]
+__all__ = ["Prediction", "Predictor"]
 
 logger = logging.getLogger(__name__)
-
-NO_TUMOR_CLASS = "notumor"
 
 
 @dataclass
@@ -79,21 +77,23 @@ class Predictor:
         self.model = weights.model.eval()
         self.class_names = weights.class_names
         self.preprocess = weights.preprocess
-        meta = weights.metadata
-        self.temperature = float((meta.get("calibration") or {}).get("temperature", 1.0))
-        if not self.temperature > 0:
-            raise WeightsError(
-                f"calibration temperature {self.temperature} in {weights.path} must be positive; retrain or refit it"
-            )
-        self.threshold = (meta.get("screening") or {}).get("threshold")
+        self.decision = weights.decision  # temperature, screening threshold, negative class (validated)
         try:
-            self.ood = OodDetector.from_weights(weights.extras, meta)
+            self.ood = OodDetector.from_weights(weights.extras, weights.metadata)
         except ValueError as exc:
             raise WeightsError(f"{exc} ({weights.path})") from exc
         if self.ood is None:
             logger.warning("weights in %s carry no OOD statistics: only the cheap input checks run", weights.path)
         self._cam_model: nn.Module | None = None
         self._cam_model_lock = threading.Lock()
+
+    @property
+    def temperature(self) -> float:
+        return self.decision.temperature
+
+    @property
+    def threshold(self) -> float | None:
+        return self.decision.threshold
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None) -> Predictor:
@@ -142,23 +142,19 @@ class Predictor:
         if explain:
             self.check_options(method, target, layer, colormap, alpha)
         decoded = image if isinstance(image, DecodedImage) else load_image(image)
-        x, geometry = prepare(decoded.gray, self.preprocess)
+        square, geometry = fit_square(decoded.gray, self.preprocess.input_size)
+        squares = quantize(square)[None]
         fast = explain and xai.is_fast_path(self.model, method, layer)
-        with torch.inference_mode():
-            fmap, logits = features_and_logits(self.model, x)
-            probs = torch.softmax(logits.float() / self.temperature, dim=1)[0].numpy()
-            label_idx = int(np.argmax(probs))
-            target_idx = label_idx if target is None else self.class_names.index(target)
-            if fast:
-                cam = xai.gradcam_from_features(fmap, self.model.fc.weight, torch.tensor([target_idx]))
-            distance = self.ood.distance(pooled_features(fmap))[0].item() if self.ood is not None else None
+        out = inference.forward(self.model, squares, self.preprocess, keep_maps=fast)
+        probs = self.decision.probabilities(out.logits)[0].numpy()
+        label_idx = int(np.argmax(probs))
+        target_idx = label_idx if target is None else self.class_names.index(target)
+        distance = self.ood.distance(out.features)[0].item() if self.ood is not None else None
 
         probabilities = {c: float(p) for c, p in zip(self.class_names, probs, strict=False)}
         pred = Prediction(probabilities=probabilities, label=self.class_names[label_idx], image=decoded)
-        if NO_TUMOR_CLASS in probabilities:
-            pred.tumor_probability = 1.0 - probabilities[NO_TUMOR_CLASS]
-            if self.threshold is not None:
-                pred.screening_positive = pred.tumor_probability >= float(self.threshold)
+        pred.tumor_probability = self.decision.tumor_probability(probabilities)
+        pred.screening_positive = self.decision.screening_positive(pred.tumor_probability)
         reason = cheap_checks(decoded)
         if reason is None and distance is not None:
             reason = self.ood.reason(distance)
@@ -167,12 +163,15 @@ class Predictor:
         if explain:
             size = self.preprocess.input_size
             if fast:
-                square = xai.normalize_cams(cam.float().numpy(), size)[0]
+                with torch.inference_mode():
+                    cam = inference.class_activation_map(out.fmap, self.model.fc.weight, torch.tensor([target_idx]))
+                heat = xai.normalize_cams(cam.numpy(), size)[0]
             else:
-                square = xai.explain_batch(
+                x = inference.to_input(squares, self.preprocess)
+                heat = xai.explain_batch(
                     self._library_model(), x, torch.tensor([target_idx]), method, layer or xai.DEFAULT_LAYER
                 )[0]
-            pred.heatmap = np.clip(geometry.to_original(square), 0.0, 1.0).astype(np.float32)
+            pred.heatmap = np.clip(geometry.to_original(heat), 0.0, 1.0).astype(np.float32)
             pred.overlay = xai.overlay(decoded.gray, pred.heatmap, colormap, alpha)
             pred.method, pred.target = method, self.class_names[target_idx]
         return pred

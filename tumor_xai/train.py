@@ -44,18 +44,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from tumor_xai import __version__, attention
+from tumor_xai import __version__, attention, inference
 from tumor_xai.augment import PRESETS, AugmentConfig, augment, augment_pair, head_region
-from tumor_xai.checkpoint import atomic_write_bytes, load_weights, save_weights
+from tumor_xai.checkpoint import NEGATIVE_CLASS, atomic_write_bytes, load_weights, save_weights
 from tumor_xai.data import DataError, DecodedSplit, decode_samples, discover, split_train_val
 from tumor_xai.model import ARCHITECTURES, build_model, check_input_size, features_and_logits
-from tumor_xai.preprocess import PreprocessConfig, normalize, normalize_quantized
+from tumor_xai.preprocess import PreprocessConfig, normalize
 
 __all__ = ["TrainConfig", "TrainingData", "get_args_parser", "load_training_data", "main", "train"]
 
 logger = logging.getLogger(__name__)
-
-NO_TUMOR = "notumor"
 
 
 @dataclass
@@ -487,34 +485,12 @@ def train_one_epoch(
     return out
 
 
-def _forward_batches(model, images, pre, batch_size, bf16):
-    """Eval-mode forward passes over uint8 squares, no augmentation: yields (slice, layer4 map, logits)."""
-    module = model.module if hasattr(model, "module") else model
-    module.eval()
-    for i in range(0, len(images), batch_size):
-        x = normalize_quantized(images[i : i + batch_size], pre).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=bf16):
-            fmap, logits = features_and_logits(module, x)
-        yield slice(i, i + batch_size), fmap, logits
-
-
-@torch.no_grad()
-def predict_arrays(model, images, pre, batch_size, bf16, features=False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logits (float32, CPU) and optionally pooled last-block features for uint8 squares, no augmentation."""
-    all_logits, all_feats = [], []
-    for _, fmap, logits in _forward_batches(model, images, pre, batch_size, bf16):
-        all_logits.append(logits.float().cpu())
-        if features:
-            all_feats.append(fmap.float().mean(dim=(2, 3)).cpu())
-    return torch.cat(all_logits), (torch.cat(all_feats) if features else None)
-
-
 def evaluate(model, images, labels, pre, cfg, rank, world, bf16) -> dict:
     """Validation loss and accuracy; each rank scores its shard and the counts are summed."""
     if len(images) == 0:
         return {}
     shard = slice(rank, None, world)
-    logits, _ = predict_arrays(model, images[shard], pre, cfg.batch_size, bf16)
+    logits = inference.forward(model, images[shard], pre, cfg.batch_size, bf16=bf16, channels_last=True).logits
     y = labels[shard].cpu()
     stats = torch.tensor(
         [F.cross_entropy(logits, y, reduction="sum").item(), (logits.argmax(1) == y).sum().item(), float(len(y))],
@@ -530,8 +506,8 @@ def monitor_localization(model, images, labels, masks, pre, batch_size, bf16) ->
     """Approximate pointing game and heat-in-mask of the true class's CAM on masked validation images."""
     module = model.module if hasattr(model, "module") else model
     hits, mass = [], []
-    for sl, fmap, _ in _forward_batches(model, images, pre, batch_size, bf16):
-        cam = attention.class_activation_map(fmap, module.fc.weight, labels[sl])
+    for sl, fmap, _ in inference.forward_batches(model, images, pre, batch_size, bf16=bf16, channels_last=True):
+        cam = inference.class_activation_map(fmap, module.fc.weight, labels[sl])
         m = masks[sl].float().div_(255.0)
         hits.append(attention.pointing_hits(cam, m).float().cpu())
         mass.append(attention.heat_in_mask(cam, m).cpu())
@@ -589,9 +565,10 @@ def finalize(out: Path, cfg, data, train_idx, val_idx, class_names, device) -> d
     labels = data["labels"]
     meta = dict(best.metadata)
     extras: dict[str, torch.Tensor] = {}
-    _, train_feats = predict_arrays(best.model, images[train_idx], pre, cfg.batch_size, False, features=True)
+    train_feats = inference.forward(best.model, images[train_idx], pre, cfg.batch_size, channels_last=True).features
     if len(val_idx):
-        val_logits, val_feats = predict_arrays(best.model, images[val_idx], pre, cfg.batch_size, False, features=True)
+        val = inference.forward(best.model, images[val_idx], pre, cfg.batch_size, channels_last=True)
+        val_logits, val_feats = val.logits, val.features
         y_val = labels[val_idx].cpu()
         temperature = calibration.fit_temperature(val_logits, y_val)
         probs = torch.softmax(val_logits / temperature, dim=1).numpy()
@@ -600,11 +577,12 @@ def finalize(out: Path, cfg, data, train_idx, val_idx, class_names, device) -> d
             "fitted_on": "validation carve-out",
             "n": len(val_idx),
         }
-        if NO_TUMOR in class_names:
-            k = class_names.index(NO_TUMOR)
+        if NEGATIVE_CLASS in class_names:
+            k = class_names.index(NEGATIVE_CLASS)
             threshold = calibration.choose_threshold(1.0 - probs[:, k], y_val.numpy() != k, cfg.screening_sensitivity)
             meta["screening"] = {
                 "threshold": float(threshold),
+                "negative_class": NEGATIVE_CLASS,
                 "target_sensitivity": cfg.screening_sensitivity,
                 "chosen_on": "validation carve-out",
                 "definition": "tumour probability = 1 - P(notumor); positive when >= threshold",
@@ -685,9 +663,9 @@ def train(cfg: TrainConfig, data: TrainingData | None = None) -> Path:
     train_idx, val_idx = split_train_val(decoded.labels, decoded.thumbs, cfg.val_fraction, cfg.seed)
     images = torch.from_numpy(decoded.images).unsqueeze(1).to(device)
     labels = torch.from_numpy(decoded.labels).to(device)
-    notumor = class_names.index(NO_TUMOR) if NO_TUMOR in class_names else None
+    notumor = class_names.index(NEGATIVE_CLASS) if NEGATIVE_CLASS in class_names else None
     if cfg.erase_target == "notumor" and cfg.lesion_erase > 0 and notumor is None:
-        raise ValueError(f"--erase-target notumor needs a {NO_TUMOR!r} class; the classes are {class_names}")
+        raise ValueError(f"--erase-target notumor needs a {NEGATIVE_CLASS!r} class; the classes are {class_names}")
     guidance = Guidance(None, None, notumor)
     if cfg.masks:
         has = data.masks.has_mask.copy()
