@@ -25,7 +25,7 @@ from tumor_xai.attention import (
 from tumor_xai.data import DataError, discover
 from tumor_xai.train import guidance_ramp, main
 
-SMOKE = ["--epochs", "1", "--image-size", "64", "--batch-size", "8", "--device", "cpu"]
+SMOKE = ["--epochs", "1", "--image-size", "64", "--batch-size", "8", "--device", "cpu", "--arch", "resnet_tiny"]
 
 
 def write_masks(data: Path, out: Path) -> Path:
@@ -319,6 +319,7 @@ def test_ablation_script_runs_end_to_end_on_cpu(tiny_dataset, tiny_masks, tmp_pa
         "--eval-workers",
         "1",
         "--no-stress",
+        "--train-arg=--arch=resnet_tiny",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 from tumor_xai import Predictor
 from tumor_xai.train import lr_factor, main
 
-SMOKE = ["--epochs", "1", "--image-size", "64", "--batch-size", "8", "--device", "cpu"]
+SMOKE = ["--epochs", "1", "--image-size", "64", "--batch-size", "8", "--device", "cpu", "--arch", "resnet_tiny"]
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +54,12 @@ def test_resume_continues_from_last_epoch(trained, tiny_dataset, tmp_path):
     assert [e["epoch"] for e in json.loads((out / "log.json").read_text())] == [1, 2, 3]
 
 
-def test_init_fine_tunes_from_weights_and_refuses_a_leaking_split(trained, tiny_dataset, tmp_path, capsys):
+def test_init_fine_tunes_from_weights_and_refuses_a_leaking_split(trained, tiny_dataset, tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="tumor_xai.train")  # train() logs its progress; only main() prints
     out = tmp_path / "fine"
     assert main(["--data", str(tiny_dataset), "--out", str(out), *SMOKE, "--init", str(trained)]) == 0
-    assert "starting from" in capsys.readouterr().out
+    assert f"starting from {trained}" in caplog.text
+    assert capsys.readouterr().out == f"wrote {out}\n"
     meta = json.loads((out / "model.json").read_text())
     assert meta["training"]["init"] == str(trained)
     # Another seed draws another validation carve-out: the start's validation images would be trained on.
@@ -127,7 +130,8 @@ def test_torchrun_two_processes_with_gloo(tiny_dataset, tmp_path):
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 process(es)" in proc.stdout
+    assert "2 process(es)" in proc.stderr  # the log, from the main process only
+    assert proc.stderr.count("data: ") == 1
     log = json.loads((out / "log.json").read_text())
     assert len(log) == 1 and log[0]["epoch"] == 1
     Predictor.from_pretrained(out)

@@ -215,6 +215,35 @@ def load_masks(masks_dir: Path, dataset: KaggleDataset, split: str = "Testing") 
     return {index[image]: read_mask(path) for image, path in table.items() if image in index}
 
 
+def _heatmaps(
+    weights: LoadedWeights,
+    squares: np.ndarray,
+    geometries: list[Geometry],
+    targets: np.ndarray,
+    method: str,
+    layer: str,
+    batch_size: int,
+) -> list[np.ndarray]:
+    """Heatmaps of ``targets`` on uint8 ``squares``, each mapped back onto its image's pixels."""
+    from tumor_xai.explain import explain_batch  # heavy (pytorch-grad-cam); only needed here
+
+    device = next(weights.model.parameters()).device
+    maps: list[np.ndarray] = []
+    for sl in tqdm(list(_batches(len(squares), batch_size)), desc=f"{method}@{layer}", leave=False):
+        x = inference.to_input(squares[sl], weights.preprocess).to(device)
+        heat = explain_batch(weights.model, x, torch.from_numpy(targets[sl]), method=method, layer=layer)
+        maps.extend(g.to_original(m) for g, m in zip(geometries[sl], heat, strict=True))
+    return maps
+
+
+def _mean_scores(scores: list[LocalizationScore]) -> dict:
+    return {
+        "pointing": float(np.mean([s.hit for s in scores])),
+        "mass_in_mask": float(np.mean([s.mass for s in scores])),
+        "empty_heatmaps": int(sum(s.empty for s in scores)),
+    }
+
+
 def localization(
     weights: LoadedWeights,
     dataset: KaggleDataset,
@@ -230,20 +259,16 @@ def localization(
     ``test`` must hold the Testing split in ``dataset`` order (no skipped files); ``predictions``
     are the argmax classes on it. Images whose mask does not match their own size are an error.
     """
-    from tumor_xai.explain import explain_batch  # heavy (pytorch-grad-cam); only needed here
-
     if len(test.paths) != len(dataset.splits["Testing"]):
         raise DataError("localisation needs every Testing image decoded: fix or remove the unreadable files.")
     idx = np.array(sorted(masks), dtype=np.int64)
     if idx.size == 0:
         raise DataError("None of the Testing images has a mask: check --masks.")
-    cfg = weights.preprocess
-    model = weights.model
-    labels = test.labels[idx]
-    preds = predictions[idx]
-    wrong = np.flatnonzero(preds != labels)
-    geometries: list[Geometry] = [fit_square(np.zeros(masks[i].shape, np.float32), cfg.input_size)[1] for i in idx]
-    baseline = [score_heatmap(np.zeros(masks[i].shape), masks[i]) for i in idx]
+    labels, preds, wanted = test.labels[idx], predictions[idx], [masks[i] for i in idx]
+    wrong = np.flatnonzero(preds != labels)  # the predicted class's maps differ only for these
+    size = weights.preprocess.input_size
+    geometries = [fit_square(np.zeros(m.shape, np.float32), size)[1] for m in wanted]
+    baseline = [score_heatmap(np.zeros(m.shape), m) for m in wanted]
     out: dict = {
         "n_images": int(idx.size),
         "n_misclassified": int(wrong.size),
@@ -254,37 +279,23 @@ def localization(
         },
         "results": [],
     }
-
-    def heatmaps(rows: np.ndarray, targets: np.ndarray, method: str, layer: str, desc: str) -> list[np.ndarray]:
-        maps: list[np.ndarray] = []
-        for sl in tqdm(list(_batches(len(rows), batch_size)), desc=desc, leave=False):
-            x = inference.to_input(test.images[idx[rows[sl]]], cfg).to(next(model.parameters()).device)
-            squares = explain_batch(model, x, torch.from_numpy(targets[sl]), method=method, layer=layer)
-            maps.extend(geometries[r].to_original(m) for r, m in zip(rows[sl], squares, strict=False))
-        return maps
-
     for method in methods:
         for layer in layers:
             start = time.perf_counter()
-            true_maps = heatmaps(np.arange(idx.size), labels, method, layer, f"{method}@{layer}")
-            wrong_maps = heatmaps(wrong, preds[wrong], method, layer, f"{method}@{layer} (pred)")
-            true_scores = [score_heatmap(m, masks[i]) for m, i in zip(true_maps, idx, strict=False)]
+            maps = _heatmaps(weights, test.images[idx], geometries, labels, method, layer, batch_size)
+            true_scores = [score_heatmap(m, mask) for m, mask in zip(maps, wanted, strict=True)]
             pred_scores = list(true_scores)
-            for r, m in zip(wrong, wrong_maps, strict=False):
-                pred_scores[r] = score_heatmap(m, masks[idx[r]])
+            wrong_geometries = [geometries[r] for r in wrong]
+            wrong_maps = _heatmaps(
+                weights, test.images[idx[wrong]], wrong_geometries, preds[wrong], method, layer, batch_size
+            )
+            for r, m in zip(wrong, wrong_maps, strict=True):
+                pred_scores[r] = score_heatmap(m, wanted[r])
             row = {"method": method, "layer": layer, "seconds": round(time.perf_counter() - start, 1)}
-            for name, scores in (("true", true_scores), ("predicted", pred_scores)):
-                row[name] = {
-                    "pointing": float(np.mean([s.hit for s in scores])),
-                    "mass_in_mask": float(np.mean([s.mass for s in scores])),
-                    "empty_heatmaps": int(sum(s.empty for s in scores)),
-                }
+            row.update(true=_mean_scores(true_scores), predicted=_mean_scores(pred_scores))
+            true = row["true"]
             logger.info(
-                "%s@%s: pointing %.3f, mass %.3f (true class)",
-                method,
-                layer,
-                row["true"]["pointing"],
-                row["true"]["mass_in_mask"],
+                "%s@%s: pointing %.3f, mass %.3f (true class)", method, layer, true["pointing"], true["mass_in_mask"]
             )
             out["results"].append(row)
     return out
@@ -370,7 +381,7 @@ def _num(v: float | None, digits: int = 4) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
 
 
-def _report(metrics: dict) -> str:
+def _report_sets(metrics: dict) -> list[str]:
     w, cls = metrics["weights"], metrics["class_names"]
     sets = [("Official Testing", metrics["official"]), ("Duplicate-free subset", metrics["deduplicated"])]
     lines = [
@@ -406,38 +417,52 @@ def _report(metrics: dict) -> str:
             p = m["per_class"][c]
             cells.append(f"{p['precision']:.4f} / {p['recall']:.4f} / {p['f1']:.4f} ({p['support']})")
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _report_stress(stress: dict, clean: dict) -> list[str]:
+    lines = [
+        "",
+        "Stress tests on the official Testing split (corruption applied to the decoded image before preprocessing):",
+        "",
+        "| corruption | accuracy | change | tumour sens. (argmax) | tumour sens. (threshold) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, m in stress.items():
+        lines.append(
+            f"| {name} | {_pct(m['accuracy'])} | {100 * (m['accuracy'] - clean['accuracy']):+.2f} pt | "
+            f"{_pct(m['tumor_sensitivity_argmax'])} | {_pct(m['tumor_sensitivity_threshold'])} |"
+        )
+    return lines
+
+
+def _report_localization(loc: dict) -> list[str]:
+    b = loc["baseline"]
+    lines = [
+        "",
+        f"Heatmap localisation on the {loc['n_images']} Testing images with expert masks "
+        f"({loc['n_misclassified']} misclassified). Pointing game: heatmap peak within "
+        f"{loc['pointing_tolerance_px_at_224']:g} px of the tumour; mass: share of the heatmap inside the tumour. "
+        f"A uniform heatmap scores {_pct(b['pointing'])} and {_pct(b['mass_in_mask'])}.",
+        "",
+        "| method | layer | pointing (true class) | mass in mask (true class) | pointing (predicted) | mass in mask (predicted) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in loc["results"]:
+        lines.append(
+            f"| {r['method']} | {r['layer']} | {_pct(r['true']['pointing'])} | {_pct(r['true']['mass_in_mask'])} | "
+            f"{_pct(r['predicted']['pointing'])} | {_pct(r['predicted']['mass_in_mask'])} |"
+        )
+    return lines
+
+
+def _report(metrics: dict) -> str:
+    """``report.md``: the classification table, per-class figures, stress tests and localisation."""
+    lines = _report_sets(metrics)
     if metrics.get("stress"):
-        clean = metrics["official"]
-        lines += [
-            "",
-            "Stress tests on the official Testing split (corruption applied to the decoded image before preprocessing):",
-            "",
-            "| corruption | accuracy | change | tumour sens. (argmax) | tumour sens. (threshold) |",
-            "|---|---|---|---|---|",
-        ]
-        for name, m in metrics["stress"].items():
-            lines.append(
-                f"| {name} | {_pct(m['accuracy'])} | {100 * (m['accuracy'] - clean['accuracy']):+.2f} pt | "
-                f"{_pct(m['tumor_sensitivity_argmax'])} | {_pct(m['tumor_sensitivity_threshold'])} |"
-            )
-    loc = metrics.get("localization")
-    if loc:
-        b = loc["baseline"]
-        lines += [
-            "",
-            f"Heatmap localisation on the {loc['n_images']} Testing images with expert masks "
-            f"({loc['n_misclassified']} misclassified). Pointing game: heatmap peak within "
-            f"{loc['pointing_tolerance_px_at_224']:g} px of the tumour; mass: share of the heatmap inside the tumour. "
-            f"A uniform heatmap scores {_pct(b['pointing'])} and {_pct(b['mass_in_mask'])}.",
-            "",
-            "| method | layer | pointing (true class) | mass in mask (true class) | pointing (predicted) | mass in mask (predicted) |",
-            "|---|---|---|---|---|---|",
-        ]
-        for r in loc["results"]:
-            lines.append(
-                f"| {r['method']} | {r['layer']} | {_pct(r['true']['pointing'])} | {_pct(r['true']['mass_in_mask'])} | "
-                f"{_pct(r['predicted']['pointing'])} | {_pct(r['predicted']['mass_in_mask'])} |"
-            )
+        lines += _report_stress(metrics["stress"], metrics["official"])
+    if metrics.get("localization"):
+        lines += _report_localization(metrics["localization"])
     lines += [
         "",
         f"Figures: `confusion_matrix.png`, `reliability.png`, `roc.png`. Run time {metrics['seconds']:.0f} s.",
@@ -466,6 +491,118 @@ def _summary(m: dict) -> dict:
 # --------------------------------------------------------------------------------------------------- run
 
 
+def _check_request(config: EvaluateConfig, weights: LoadedWeights) -> tuple[tuple[str, ...], Path | None]:
+    """The localisation methods and masks folder, checked before the long inference runs, not after."""
+    if not config.localization:
+        return (), config.masks
+    from tumor_xai.explain import METHODS, check_method, resolve_layer
+
+    try:
+        methods = tuple(check_method(m) for m in (config.methods or tuple(METHODS)))
+        for layer in config.layers:
+            resolve_layer(weights.model, layer)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    masks_dir = config.masks or Path(config.data).parent / "brain-tumor-mri-masks"
+    if not Path(masks_dir).is_dir():
+        raise UsageError(
+            f"Masks folder {masks_dir} does not exist: pass --masks DIR (the brain-tumor-mri-masks folder)."
+        )
+    return methods, Path(masks_dir)
+
+
+def _scorer(weights: LoadedWeights):
+    """``classification_metrics`` with the weights' class names, screening threshold and negative class."""
+    d = weights.decision
+    return lambda probs, labels: classification_metrics(
+        probs, labels, list(d.class_names), d.threshold, d.negative_class
+    )
+
+
+def _clean_metrics(
+    weights: LoadedWeights, dataset: KaggleDataset, config: EvaluateConfig
+) -> tuple[DecodedSplit, np.ndarray, dict]:
+    """Decode the Testing split, predict it, score it whole and without its near-copies of Training images."""
+    names, score = weights.class_names, _scorer(weights)
+    n_test, n_train = len(dataset.splits["Testing"]), len(dataset.splits["Training"])
+    logger.info("decoding %d Testing and %d Training images", n_test, n_train)
+    test = decode_samples(
+        dataset.splits["Testing"], weights.preprocess.input_size, config.skip_unreadable, config.workers
+    )
+    # Training is decoded only for its duplicate thumbnails, which do not depend on the size.
+    train = decode_samples(dataset.splits["Training"], 32, config.skip_unreadable, config.workers)
+    probs = predict_probabilities(weights, test.images, config.batch_size)
+    keep = duplicate_free(test.thumbs, train.thumbs, config.duplicate_threshold)
+    dedup = score(probs[keep], test.labels[keep])
+    dedup.update(
+        method=DEDUP_METHOD.format(t=config.duplicate_threshold),
+        threshold=config.duplicate_threshold,
+        removed=int((~keep).sum()),
+        removed_per_class={c: int(np.sum(~keep & (test.labels == k))) for k, c in enumerate(names)},
+    )
+    data = {
+        "root": str(dataset.root),
+        "testing": n_test,
+        "training": n_train,
+        "skipped": [[str(p), why] for p, why in test.skipped + train.skipped],
+    }
+    return test, probs, {"data": data, "official": score(probs, test.labels), "deduplicated": dedup}
+
+
+def _weights_record(weights: LoadedWeights) -> dict:
+    meta, training = weights.metadata, weights.metadata.get("training") or {}
+    return {
+        "path": str(weights.path),
+        "sha256": meta.get("weights_sha256"),
+        "arch": meta["arch"],
+        "input_size": weights.preprocess.input_size,
+        "temperature": weights.decision.temperature,
+        "threshold": weights.decision.threshold,
+        "training_device": training.get("device") if isinstance(training, dict) else None,
+    }
+
+
+def _stress(weights: LoadedWeights, dataset: KaggleDataset, test: DecodedSplit, config: EvaluateConfig) -> dict:
+    """Accuracy and tumour sensitivity under each corruption of the decoded Testing images."""
+    decoded, score = set(test.paths), _scorer(weights)
+    kept_samples = [s for s in dataset.splits["Testing"] if s.path in decoded]
+    out = {}
+    for name in CORRUPTIONS:
+        m = score(predict_corrupted(weights, kept_samples, name, config.batch_size, config.workers), test.labels)
+        t = m.get("tumor", {})
+        out[name] = {
+            "accuracy": m["accuracy"],
+            "tumor_sensitivity_argmax": t.get("argmax", {}).get("sensitivity"),
+            "tumor_sensitivity_threshold": t.get("threshold", {}).get("sensitivity"),
+            "tumor_specificity_argmax": t.get("argmax", {}).get("specificity"),
+            "ece": m["ece"],
+        }
+        logger.info("stress %s: accuracy %.4f", name, m["accuracy"])
+    return out
+
+
+def _write_files(out: Path, metrics: dict, probs: np.ndarray, labels: np.ndarray) -> None:
+    """``metrics.json``, ``confusion_matrix.json``/``.png``, ``reliability.png``, ``roc.png`` and ``report.md``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    names, official, dedup = metrics["class_names"], metrics["official"], metrics["deduplicated"]
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    confusion = {
+        "class_names": names,
+        "rows": "true class",
+        "columns": "predicted class",
+        "official": official["confusion_matrix"],
+        "deduplicated": dedup["confusion_matrix"],
+    }
+    (out / "confusion_matrix.json").write_text(json.dumps(confusion, indent=2) + "\n")
+    title = f"Official Testing (n={official['n']})"
+    _plot_confusion(np.array(official["confusion_matrix"]), names, title, out / "confusion_matrix.png")
+    _plot_reliability(probs, labels, official["ece"], out / "reliability.png")
+    _plot_roc(probs, labels, names, official["roc_auc"]["per_class"], out / "roc.png")
+    (out / "report.md").write_text(_report(metrics))
+
+
 def evaluate(config: EvaluateConfig) -> dict:
     """Run the whole evaluation described by ``config``, write its files and return ``metrics.json``'s dict."""
     started = time.perf_counter()
@@ -477,125 +614,29 @@ def evaluate(config: EvaluateConfig) -> dict:
         raise DataError(
             f"{config.data} has classes {dataset.class_names} but the weights were trained on {weights.class_names}."
         )
-    methods: tuple[str, ...] = ()
-    masks_dir = config.masks
-    if config.localization:
-        # Check the request before the long inference runs, not after.
-        from tumor_xai.explain import METHODS, check_method, resolve_layer
-
-        try:
-            methods = tuple(check_method(m) for m in (config.methods or tuple(METHODS)))
-            for layer in config.layers:
-                resolve_layer(weights.model, layer)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from exc
-        if masks_dir is None:
-            masks_dir = Path(config.data).parent / "brain-tumor-mri-masks"
-        if not Path(masks_dir).is_dir():
-            raise UsageError(
-                f"Masks folder {masks_dir} does not exist: pass --masks DIR (the brain-tumor-mri-masks folder)."
-            )
+    methods, masks_dir = _check_request(config, weights)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
-    cfg, meta = weights.preprocess, weights.metadata
-    temperature, threshold = weights.decision.temperature, weights.decision.threshold
-    negative = weights.decision.negative_class
-    names = weights.class_names
-    logger.info(
-        "decoding %d Testing and %d Training images", len(dataset.splits["Testing"]), len(dataset.splits["Training"])
-    )
-    test = decode_samples(dataset.splits["Testing"], cfg.input_size, config.skip_unreadable, config.workers)
-    # Training is decoded only for its duplicate thumbnails, which do not depend on the size.
-    train = decode_samples(dataset.splits["Training"], 32, config.skip_unreadable, config.workers)
-
-    probs = predict_probabilities(weights, test.images, config.batch_size)
-    official = classification_metrics(probs, test.labels, names, threshold, negative)
-    keep = duplicate_free(test.thumbs, train.thumbs, config.duplicate_threshold)
-    dedup = classification_metrics(probs[keep], test.labels[keep], names, threshold, negative)
-    dedup.update(
-        method=DEDUP_METHOD.format(t=config.duplicate_threshold),
-        threshold=config.duplicate_threshold,
-        removed=int((~keep).sum()),
-        removed_per_class={c: int(np.sum(~keep & (test.labels == k))) for k, c in enumerate(names)},
-    )
-    training = meta.get("training") or {}
-    metrics: dict = {
-        "weights": {
-            "path": str(weights.path),
-            "sha256": meta.get("weights_sha256"),
-            "arch": meta["arch"],
-            "input_size": cfg.input_size,
-            "temperature": temperature,
-            "threshold": threshold,
-            "training_device": training.get("device") if isinstance(training, dict) else None,
-        },
-        "data": {
-            "root": str(dataset.root),
-            "testing": len(dataset.splits["Testing"]),
-            "training": len(dataset.splits["Training"]),
-            "skipped": [[str(p), why] for p, why in test.skipped + train.skipped],
-        },
-        "class_names": names,
-        "official": official,
-        "deduplicated": dedup,
-    }
-
+    test, probs, clean = _clean_metrics(weights, dataset, config)
+    metrics: dict = {"weights": _weights_record(weights), "data": clean.pop("data"), "class_names": weights.class_names}
+    metrics.update(clean)  # official, deduplicated
     if config.stress:
-        decoded = set(test.paths)
-        kept_samples = [s for s in dataset.splits["Testing"] if s.path in decoded]
-        metrics["stress"] = {}
-        for name in CORRUPTIONS:
-            p = predict_corrupted(weights, kept_samples, name, config.batch_size, config.workers)
-            m = classification_metrics(p, test.labels, names, threshold, negative)
-            t = m.get("tumor", {})
-            metrics["stress"][name] = {
-                "accuracy": m["accuracy"],
-                "tumor_sensitivity_argmax": t.get("argmax", {}).get("sensitivity"),
-                "tumor_sensitivity_threshold": t.get("threshold", {}).get("sensitivity"),
-                "tumor_specificity_argmax": t.get("argmax", {}).get("specificity"),
-                "ece": m["ece"],
-            }
-            logger.info("stress %s: accuracy %.4f", name, m["accuracy"])
-
+        metrics["stress"] = _stress(weights, dataset, test, config)
     if config.localization:
-        masks = load_masks(Path(masks_dir), dataset)
-        metrics["localization"] = localization(
-            weights, dataset, test, probs.argmax(axis=1), masks, methods, config.layers, min(config.batch_size, 16)
-        )
-        metrics["localization"]["masks"] = str(masks_dir)
-        metrics["localization"]["targets"] = "true: the image's true class; predicted: the model's argmax class"
-
+        masks = load_masks(masks_dir, dataset)
+        predictions = probs.argmax(axis=1)
+        batch_size = min(config.batch_size, 16)
+        loc = localization(weights, dataset, test, predictions, masks, methods, config.layers, batch_size)
+        loc["masks"] = str(masks_dir)
+        loc["targets"] = "true: the image's true class; predicted: the model's argmax class"
+        metrics["localization"] = loc
     metrics["seconds"] = round(time.perf_counter() - started, 1)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (out / "confusion_matrix.json").write_text(
-        json.dumps(
-            {
-                "class_names": names,
-                "rows": "true class",
-                "columns": "predicted class",
-                "official": official["confusion_matrix"],
-                "deduplicated": dedup["confusion_matrix"],
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    import matplotlib
-
-    matplotlib.use("Agg")
-    _plot_confusion(
-        np.array(official["confusion_matrix"]),
-        names,
-        f"Official Testing (n={official['n']})",
-        out / "confusion_matrix.png",
-    )
-    _plot_reliability(probs, test.labels, official["ece"], out / "reliability.png")
-    _plot_roc(probs, test.labels, names, official["roc_auc"]["per_class"], out / "roc.png")
-    (out / "report.md").write_text(_report(metrics))
+    _write_files(out, metrics, probs, test.labels)
     if config.record:
-        recorded = dict(meta.get("metrics") or {})
+        recorded = dict(weights.metadata.get("metrics") or {})
+        official, dedup = metrics["official"], metrics["deduplicated"]
         recorded.update(official=_summary(official), deduplicated={**_summary(dedup), "removed": dedup["removed"]})
         update_metadata(weights.path, metrics=recorded)
         logger.info("recorded the official and duplicate-free figures in %s", weights.path / "model.json")

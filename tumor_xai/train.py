@@ -26,6 +26,7 @@ included), so their evidence comes from the brain rather than the black frame. O
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import math
@@ -91,107 +92,6 @@ class TrainConfig:
     head_loss_weight: float = 0.0
     lesion_erase: float = 0.0  # probability per masked image
     erase_target: str = "uniform"  # "uniform" (not confident) or "notumor"
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    d = TrainConfig()
-    p = argparse.ArgumentParser(prog="python -m tumor_xai.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="dataset root holding Training/<class>/*")
-    p.add_argument("--out", required=True, help="output folder for the weights, logs and config")
-    p.add_argument("--arch", default=d.arch, choices=sorted(ARCHITECTURES))
-    p.add_argument(
-        "--pretrained", default=None, choices=["imagenet"], help="start from ImageNet weights (needs internet)"
-    )
-    p.add_argument(
-        "--init",
-        default=None,
-        metavar="WEIGHTS",
-        help="start from this weights folder (e.g. weights/) with a fresh schedule; it must have been trained "
-        "with the same --seed, --val-fraction and data, so its validation images stay out of training",
-    )
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
-    p.add_argument("--image-size", type=int, default=d.image_size)
-    p.add_argument(
-        "--lr", type=float, default=d.lr, help="peak SGD learning rate for a global batch of 128 (scaled linearly)"
-    )
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
-    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
-    p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
-    p.add_argument("--amp", default=d.amp, choices=["auto", "bf16", "off"])
-    p.add_argument(
-        "--intensity", default=d.intensity, choices=["percentile", "none"], help="per-image intensity normalisation"
-    )
-    p.add_argument(
-        "--skip-unreadable",
-        action="store_true",
-        help="leave unreadable images out (listed in the log) instead of stopping",
-    )
-    p.add_argument("--screening-sensitivity", type=float, default=d.screening_sensitivity)
-    p.add_argument("--half", action="store_true", help="store the final weights as float16 (half the size)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
-    g = p.add_argument_group("augmentation and attention guidance")
-    g.add_argument("--aug", default=d.aug, choices=sorted(PRESETS), help="augmentation recipe (default: basic)")
-    g.add_argument(
-        "--aug-set",
-        action="append",
-        default=[],
-        type=_override,
-        metavar="NAME=VALUE",
-        help="override one strength of the recipe, e.g. --aug-set invert=0.3 (repeatable; names: "
-        + ", ".join(f.name for f in fields(AugmentConfig))
-        + ")",
-    )
-    g.add_argument("--masks", default=None, help="tumour masks folder (masks.csv + <split>/<class>/<stem>.png)")
-    g.add_argument(
-        "--cam-loss-weight", type=float, default=d.cam_loss_weight, help="weight of the CAM-in-mask loss (0: off)"
-    )
-    g.add_argument(
-        "--cam-loss",
-        default=d.cam_loss,
-        choices=attention.CAM_LOSSES,
-        help="mass: -log heat in mask; kl: KL(mask || CAM)",
-    )
-    g.add_argument(
-        "--cam-warmup-epochs",
-        type=float,
-        default=d.cam_warmup_epochs,
-        help="the CAM and head losses are off for the first half of this many epochs and ramp up over the second half",
-    )
-    g.add_argument(
-        "--head-loss-weight",
-        type=float,
-        default=d.head_loss_weight,
-        help="weight of the CAM-in-head loss for images without a tumour mask (0: off)",
-    )
-    g.add_argument(
-        "--lesion-erase", type=float, default=d.lesion_erase, help="probability of inpainting a masked lesion (0: off)"
-    )
-    g.add_argument(
-        "--erase-target", default=d.erase_target, choices=["uniform", "notumor"], help="target of an erased image"
-    )
-    return p
-
-
-def _override(text: str) -> tuple[str, float]:
-    name, sep, value = text.partition("=")
-    try:
-        if not sep:
-            raise ValueError
-        return name.strip().replace("-", "_"), float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected NAME=NUMBER, got {text!r}") from None
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The run's configuration; raises ``ValueError`` for an unknown ``--aug-set`` name or a negative strength."""
-    names = {f.name for f in fields(TrainConfig)}
-    values = {k: v for k, v in vars(args).items() if k in names}
-    values["augment"] = AugmentConfig.preset(args.aug).with_overrides(dict(args.aug_set)).to_dict()
-    return TrainConfig(**values)
 
 
 # --------------------------------------------------------------------------- set-up
@@ -327,281 +227,53 @@ def code_version() -> dict:
     }
 
 
-# --------------------------------------------------------------------------- loops
-
-
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up then cosine decay to zero."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-class FeaturesAndLogits(nn.Module):
-    """The ResNet's forward returning ``(layer4 map, logits)``, so DDP sees the pass the CAM loss uses."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return features_and_logits(self.model, x)
+# --------------------------------------------------------------------------- the run
 
 
 @dataclass
-class Guidance:
-    """Device-resident tumour masks of the training images and the class index of "no tumour"."""
+class RunContext:
+    """What every step of one process's run needs: the configuration and where and how it runs."""
 
-    masks: torch.Tensor | None  # uint8 (N, 1, S, S) or None
-    has_mask: torch.Tensor | None  # bool (N,)
-    notumor: int | None
+    cfg: TrainConfig
+    pre: PreprocessConfig
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    bf16: bool = False
+    negative: int | None = None  # index of the no-tumour class (erase target, masks), once the classes are known
 
+    @property
+    def main_process(self) -> bool:
+        return self.rank == 0
 
-def guidance_ramp(progress: float, warmup_epochs: float) -> float:
-    """Factor on the CAM losses at ``progress`` epochs: 0 for the first half of the warm-up, then linear to 1.
-
-    A CAM loss from the first step can win before the network has features to classify with (the
-    map is shaped, the class never learned); the classifier gets a head start instead.
-    """
-    if warmup_epochs <= 0:
-        return 1.0
-    return min(1.0, max(0.0, 2.0 * progress / warmup_epochs - 1.0))
-
-
-def _guidance_losses(
-    fmap, logits, y, fc_weight, lesion, has, erased, head, cfg, notumor, ramp
-) -> tuple[torch.Tensor, dict]:
-    """Cross-entropy (uniform or no-tumour target for erased images) plus the weighted CAM losses."""
-    ce = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing, reduction="none")
-    if erased is not None:
-        if cfg.erase_target == "uniform":
-            other = -F.log_softmax(logits, dim=1).mean(1)
-        else:
-            other = F.cross_entropy(
-                logits, torch.full_like(y, notumor), label_smoothing=cfg.label_smoothing, reduction="none"
-            )
-        ce = torch.where(erased, other, ce)
-    loss = ce.mean()
-    parts = {}
-    if cfg.cam_loss_weight > 0:
-        sel = has & ~erased if erased is not None else has
-        per = attention.cam_mask_loss(fmap, fc_weight, y, lesion, cfg.cam_loss)
-        cam = (per * sel).sum() / sel.sum().clamp_min(1)
-        loss = loss + ramp * cfg.cam_loss_weight * cam
-        parts["cam"] = cam.detach()
-    if cfg.head_loss_weight > 0:
-        sel = ~has if has is not None else torch.ones_like(y, dtype=torch.bool)
-        if erased is not None:
-            sel = sel & ~erased
-        per = attention.cam_mask_loss(fmap, fc_weight, y, head, cfg.cam_loss)
-        hl = (per * sel).sum() / sel.sum().clamp_min(1)
-        loss = loss + ramp * cfg.head_loss_weight * hl
-        parts["head"] = hl.detach()
-    return loss, parts
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
 
 
-def train_one_epoch(
-    model,
-    optimizer,
-    scheduler,
-    images,
-    labels,
-    cfg,
-    pre,
-    epoch,
-    rank,
-    world,
-    bf16,
-    show,
-    guidance: Guidance | None = None,
-) -> dict:
-    """One pass over this rank's shard; ``model`` returns ``(layer4 map, logits)`` (:class:`FeaturesAndLogits`)."""
-    model.train()
-    n = len(images)
-    g = torch.Generator(device="cpu").manual_seed(cfg.seed * 100_003 + epoch)
-    perm = torch.randperm(n, generator=g)
-    per_rank = n // world
-    mine = perm[rank * per_rank : (rank + 1) * per_rank].to(images.device)
-    aug_g = torch.Generator(device=images.device).manual_seed(cfg.seed * 1_000_003 + epoch * 101 + rank)
-    aug_cfg = AugmentConfig(**cfg.augment)
-    guidance = guidance or Guidance(None, None, None)
-    inner = model.module if hasattr(model, "module") else model
-    fc_weight = inner.model.fc.weight
-    use_masks = guidance.masks is not None
-    use_head = cfg.head_loss_weight > 0
-    steps = math.ceil(per_rank / cfg.batch_size)
-    total_loss = torch.zeros((), device=images.device)
-    correct = torch.zeros((), device=images.device)
-    part_sums: dict[str, torch.Tensor] = {}
-    seen = 0
-    bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not show, dynamic_ncols=True)
-    for i in bar:
-        idx = mine[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-        y = labels[idx]
-        lesion = has = erased = head = None
-        if use_masks or use_head:
-            channels = []
-            if use_masks:
-                has = guidance.has_mask[idx]
-                channels.append(guidance.masks[idx])
-                if cfg.lesion_erase > 0:
-                    erased = has & (torch.rand(len(idx), generator=aug_g, device=images.device) < cfg.lesion_erase)
-            if use_head:
-                channels.append(head_region(images[idx].float().div_(255.0)))
-            masks = torch.cat([c.float().div(255.0) if c.dtype == torch.uint8 else c for c in channels], 1)
-            x01, warped = augment_pair(images[idx], masks, aug_cfg, aug_g, erase=erased)
-            lesion = warped[:, :1] if use_masks else None
-            head = warped[:, -1:] if use_head else None
-        else:
-            x01 = augment(images[idx], aug_cfg, aug_g)
-        x = normalize(x01, pre).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=bf16):
-            fmap, logits = model(x)
-        logits = logits.float()
-        ramp = guidance_ramp(epoch + i / steps, cfg.cam_warmup_epochs)
-        loss, parts = _guidance_losses(
-            fmap, logits, y, fc_weight, lesion, has, erased, head, cfg, guidance.notumor, ramp
-        )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        total_loss += loss.detach() * len(y)
-        correct += (logits.argmax(1) == y).sum()
-        for k, v in parts.items():
-            part_sums[k] = part_sums.get(k, torch.zeros((), device=images.device)) + v * len(y)
-        seen += len(y)
-        if show and (i % 10 == 0 or i == steps - 1):
-            bar.set_postfix(loss=f"{total_loss.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}")
-    keys = sorted(part_sums)
-    stats = torch.stack(
-        [total_loss, correct, torch.tensor(float(seen), device=images.device), *(part_sums[k] for k in keys)]
+def start_run(cfg: TrainConfig) -> RunContext:
+    """Pick the device, join the process group (under torchrun), seed the generators, set the backend flags."""
+    device = resolve_device(cfg.device)
+    rank, world = setup_distributed(device)
+    torch.manual_seed(cfg.seed + rank)
+    np.random.seed(cfg.seed)
+    bf16 = use_bf16(cfg, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return RunContext(
+        cfg, PreprocessConfig(input_size=cfg.image_size, intensity=cfg.intensity), device, rank, world, bf16
     )
-    if world > 1:
-        dist.all_reduce(stats)
-    out = {"train_loss": (stats[0] / stats[2]).item(), "train_acc": (stats[1] / stats[2]).item()}
-    out.update({f"train_{k}_loss": (stats[3 + j] / stats[2]).item() for j, k in enumerate(keys)})
-    return out
 
 
-def evaluate(model, images, labels, pre, cfg, rank, world, bf16) -> dict:
-    """Validation loss and accuracy; each rank scores its shard and the counts are summed."""
-    if len(images) == 0:
-        return {}
-    shard = slice(rank, None, world)
-    logits = inference.forward(model, images[shard], pre, cfg.batch_size, bf16=bf16, channels_last=True).logits
-    y = labels[shard].cpu()
-    stats = torch.tensor(
-        [F.cross_entropy(logits, y, reduction="sum").item(), (logits.argmax(1) == y).sum().item(), float(len(y))],
-        device=images.device,
-    )
-    if world > 1:
-        dist.all_reduce(stats)
-    return {"val_loss": (stats[0] / stats[2]).item(), "val_acc": (stats[1] / stats[2]).item()}
+def end_run(ctx: RunContext) -> None:
+    if ctx.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
-@torch.no_grad()
-def monitor_localization(model, images, labels, masks, pre, batch_size, bf16) -> dict:
-    """Approximate pointing game and heat-in-mask of the true class's CAM on masked validation images."""
-    module = model.module if hasattr(model, "module") else model
-    hits, mass = [], []
-    for sl, fmap, _ in inference.forward_batches(model, images, pre, batch_size, bf16=bf16, channels_last=True):
-        cam = inference.class_activation_map(fmap, module.fc.weight, labels[sl])
-        m = masks[sl].float().div_(255.0)
-        hits.append(attention.pointing_hits(cam, m).float().cpu())
-        mass.append(attention.heat_in_mask(cam, m).cpu())
-    return {"val_pointing": torch.cat(hits).mean().item(), "val_heat_in_mask": torch.cat(mass).mean().item()}
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def save_state(path: Path, optimizer, scheduler, epoch: int, best: dict, log: list) -> None:
-    """Optimiser and schedule state for --resume (tensors and plain values only: loads with weights_only)."""
-    import io
-
-    buf = io.BytesIO()
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "epoch": epoch,
-            "best": best,
-            "log": log,
-        },
-        buf,
-    )
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def weights_metadata(
-    cfg: TrainConfig, class_names, pre: PreprocessConfig, fingerprint: str, extra: dict | None = None
-) -> dict:
-    meta = {
-        "arch": cfg.arch,
-        "class_names": list(class_names),
-        "in_chans": 1,
-        "preprocessing": pre.to_dict(),
-        "training": asdict(cfg),
-        "data_fingerprint": fingerprint,
-        "code_version": code_version(),
-    }
-    meta.update(extra or {})
-    return meta
-
-
-def finalize(out: Path, cfg, data, train_idx, val_idx, class_names, device) -> dict:
-    """Calibrate the best checkpoint on the validation split, fit the OOD statistics, write OUT/.
-
-    Runs in float32, as the app does: a threshold fitted on bf16 logits could sit on the wrong side
-    of slices near it.
-    """
-    from tumor_xai import calibration, ood
-
-    best = load_weights(out / "best", device=device)
-    pre = best.preprocess
-    images = data["images"]
-    labels = data["labels"]
-    meta = dict(best.metadata)
-    extras: dict[str, torch.Tensor] = {}
-    train_feats = inference.forward(best.model, images[train_idx], pre, cfg.batch_size, channels_last=True).features
-    if len(val_idx):
-        val = inference.forward(best.model, images[val_idx], pre, cfg.batch_size, channels_last=True)
-        val_logits, val_feats = val.logits, val.features
-        y_val = labels[val_idx].cpu()
-        temperature = calibration.fit_temperature(val_logits, y_val)
-        probs = torch.softmax(val_logits / temperature, dim=1).numpy()
-        meta["calibration"] = {
-            "temperature": float(temperature),
-            "fitted_on": "validation carve-out",
-            "n": len(val_idx),
-        }
-        if NEGATIVE_CLASS in class_names:
-            k = class_names.index(NEGATIVE_CLASS)
-            threshold = calibration.choose_threshold(1.0 - probs[:, k], y_val.numpy() != k, cfg.screening_sensitivity)
-            meta["screening"] = {
-                "threshold": float(threshold),
-                "negative_class": NEGATIVE_CLASS,
-                "target_sensitivity": cfg.screening_sensitivity,
-                "chosen_on": "validation carve-out",
-                "definition": "tumour probability = 1 - P(notumor); positive when >= threshold",
-            }
-        meta.setdefault("metrics", {})["validation"] = {
-            "accuracy": float((val_logits.argmax(1) == y_val).float().mean()),
-            "n": len(val_idx),
-        }
-    else:
-        val_feats = train_feats
-        logger.warning("no validation split: temperature stays 1 and no screening threshold is stored")
-    ood_extras, ood_meta = ood.fit(train_feats, labels[train_idx].cpu(), val_feats)
-    extras.update(ood_extras)
-    meta["ood"] = ood_meta
-    save_weights(best.model, out, meta, extras=extras, half=cfg.half)
-    return meta
-
-
-# --------------------------------------------------------------------------- main
+# --------------------------------------------------------------------------- data
 
 
 @dataclass
@@ -634,77 +306,130 @@ def load_training_data(cfg: TrainConfig, fingerprint: bool = True) -> TrainingDa
     )
 
 
-def train(cfg: TrainConfig, data: TrainingData | None = None) -> Path:
-    """Run training as configured; returns the output folder (rank 0) or ``cfg.out``.
+@dataclass
+class Split:
+    """Device-resident uint8 images ``(N, 1, S, S)`` and labels, with tumour masks where the run uses them."""
 
-    ``data`` (from :func:`load_training_data`) skips the decoding, for several runs on one dataset;
-    it must match ``cfg`` (image size, and masks when the run uses them).
-    """
-    device = resolve_device(cfg.device)
-    rank, world = setup_distributed(device)
-    show = rank == 0
-    out = Path(cfg.out)
-    torch.manual_seed(cfg.seed + rank)
-    np.random.seed(cfg.seed)
-    bf16 = use_bf16(cfg, device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    images: torch.Tensor
+    labels: torch.Tensor
+    masks: torch.Tensor | None = None  # uint8 (N, 1, S, S); zeros where an image has none
+    has_mask: torch.Tensor | None = None  # bool (N,)
 
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class RunData:
+    """The Training split on the device, cut into this run's training set and validation carve-out."""
+
+    class_names: list[str]
+    fingerprint: str
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    all: Split  # every image, for the final calibration and OOD fit
+    train: Split
+    val: Split
+    val_masked: Split | None = None  # validation images with a tumour mask, for the localisation monitor
+
+
+def place_data(ctx: RunContext, data: TrainingData) -> RunData:
+    """Carve out the validation images and put images, labels (and masks) on the device as uint8."""
+    cfg, decoded = ctx.cfg, data.decoded
+    train_idx, val_idx = split_train_val(decoded.labels, decoded.thumbs, cfg.val_fraction, cfg.seed)
+    images = torch.from_numpy(decoded.images).unsqueeze(1).to(ctx.device)
+    labels = torch.from_numpy(decoded.labels).to(ctx.device)
+    run = RunData(
+        data.class_names,
+        data.fingerprint,
+        train_idx,
+        val_idx,
+        all=Split(images, labels),
+        train=Split(images[train_idx], labels[train_idx]),
+        val=Split(images[val_idx], labels[val_idx]),
+    )
+    if ctx.main_process:
+        logger.info(
+            "data: %d train / %d validation images of %s (%d skipped), decoded in %.1fs; device %s, %d process(es), bf16 %s",
+            len(train_idx),
+            len(val_idx),
+            data.class_names,
+            len(decoded.skipped),
+            data.seconds,
+            ctx.device,
+            ctx.world,
+            ctx.bf16,
+        )
+    if cfg.masks:
+        has = data.masks.has_mask.copy()
+        if ctx.negative is not None:
+            has &= decoded.labels != ctx.negative  # a lesion mask on a no-tumour image contradicts its label
+        masks = torch.from_numpy(data.masks.masks).unsqueeze(1).to(ctx.device)
+        has_t = torch.from_numpy(has).to(ctx.device)
+        t_idx, v_idx = torch.from_numpy(train_idx).to(ctx.device), torch.from_numpy(val_idx).to(ctx.device)
+        run.train.masks, run.train.has_mask = masks[t_idx], has_t[t_idx]
+        v_sel = v_idx[has_t[v_idx]]
+        if len(v_sel):
+            run.val_masked = Split(images[v_sel], labels[v_sel], masks[v_sel])
+        if ctx.main_process:
+            logger.info(
+                "masks: %d train / %d validation images have a tumour mask", has[train_idx].sum(), has[val_idx].sum()
+            )
+    return run
+
+
+def _check_data(ctx: RunContext, data: TrainingData | None) -> TrainingData:
+    cfg = ctx.cfg
     if data is None:
-        data = load_training_data(cfg, fingerprint=rank == 0)
+        data = load_training_data(cfg, fingerprint=ctx.main_process)
     elif data.image_size != cfg.image_size or (cfg.masks and data.masks is None):
         raise ValueError(
             f"the given TrainingData ({data.image_size} px, masks {data.masks is not None}) does not match the config"
         )
-    decoded, fingerprint = data.decoded, data.fingerprint
-    class_names = data.class_names
-    train_idx, val_idx = split_train_val(decoded.labels, decoded.thumbs, cfg.val_fraction, cfg.seed)
-    images = torch.from_numpy(decoded.images).unsqueeze(1).to(device)
-    labels = torch.from_numpy(decoded.labels).to(device)
-    notumor = class_names.index(NEGATIVE_CLASS) if NEGATIVE_CLASS in class_names else None
-    if cfg.erase_target == "notumor" and cfg.lesion_erase > 0 and notumor is None:
-        raise ValueError(f"--erase-target notumor needs a {NEGATIVE_CLASS!r} class; the classes are {class_names}")
-    guidance = Guidance(None, None, notumor)
-    if cfg.masks:
-        has = data.masks.has_mask.copy()
-        if notumor is not None:
-            has &= decoded.labels != notumor  # a lesion mask on a no-tumour image contradicts its label
-        guidance = Guidance(
-            torch.from_numpy(data.masks.masks).unsqueeze(1).to(device), torch.from_numpy(has).to(device), notumor
-        )
-    if show:
-        print(
-            f"data: {len(train_idx)} train / {len(val_idx)} validation images of {class_names} "
-            f"({len(decoded.skipped)} skipped), decoded in {data.seconds:.1f}s; device {device}, "
-            f"{world} process(es), bf16 {bf16}",
-            flush=True,
-        )
-        if guidance.has_mask is not None:
-            print(
-                f"masks: {int(has[train_idx].sum())} train / {int(has[val_idx].sum())} validation images have a tumour mask",
-                flush=True,
-            )
-    pre = PreprocessConfig(input_size=cfg.image_size, intensity=cfg.intensity)
+    names = data.class_names
+    ctx.negative = names.index(NEGATIVE_CLASS) if NEGATIVE_CLASS in names else None
+    if cfg.erase_target == "notumor" and cfg.lesion_erase > 0 and ctx.negative is None:
+        raise ValueError(f"--erase-target notumor needs a {NEGATIVE_CLASS!r} class; the classes are {names}")
+    return data
 
-    model = build_model(cfg.arch, len(class_names), in_chans=1, pretrained=cfg.pretrained)
+
+# --------------------------------------------------------------------------- model and optimiser
+
+
+def create_model(ctx: RunContext, run: RunData) -> nn.Module:
+    """The network, from scratch, from ImageNet or from ``--init`` weights, channels-last on the device."""
+    cfg = ctx.cfg
+    model = build_model(cfg.arch, len(run.class_names), in_chans=1, pretrained=cfg.pretrained)
     if cfg.init and not cfg.resume:
         start = load_weights(cfg.init)
-        if list(start.class_names) != list(class_names):
-            raise ValueError(f"--init {cfg.init} has classes {start.class_names}, the data has {class_names}")
-        if fingerprint and start.metadata.get("data_fingerprint") not in (None, fingerprint):
+        if list(start.class_names) != list(run.class_names):
+            raise ValueError(f"--init {cfg.init} has classes {start.class_names}, the data has {run.class_names}")
+        if run.fingerprint and start.metadata.get("data_fingerprint") not in (None, run.fingerprint):
             raise ValueError(
                 f"--init {cfg.init} was trained on other data (fingerprint differs): its split would not hold"
             )
         model.load_state_dict({k: v.float() for k, v in start.model.state_dict().items()})
-        if show:
-            print(f"starting from {cfg.init}", flush=True)
-    model = model.to(device).to(memory_format=torch.channels_last)
-    global_batch = cfg.batch_size * world
-    peak_lr = cfg.lr * global_batch / 128
+        if ctx.main_process:
+            logger.info("starting from %s", cfg.init)
+    return model.to(ctx.device).to(memory_format=torch.channels_last)
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up then cosine decay to zero."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_optimizer(
+    ctx: RunContext, model: nn.Module, n_train: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """Nesterov SGD (no weight decay on biases and norms) at a learning rate scaled to the global batch."""
+    cfg = ctx.cfg
+    peak_lr = cfg.lr * cfg.batch_size * ctx.world / 128
     decay, no_decay = [], []
-    for _name, p in model.named_parameters():
+    for p in model.parameters():
         (no_decay if p.ndim <= 1 else decay).append(p)
     optimizer = torch.optim.SGD(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -712,109 +437,517 @@ def train(cfg: TrainConfig, data: TrainingData | None = None) -> Path:
         momentum=cfg.momentum,
         nesterov=True,
     )
-    steps_per_epoch = math.ceil((len(train_idx) // world) / cfg.batch_size)
+    steps_per_epoch = math.ceil((n_train // ctx.world) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     warmup = min(total_steps, int(cfg.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, max(1, warmup)))
+    return optimizer, scheduler
 
-    start_epoch, best, log = 0, {"val_acc": -1.0, "val_loss": float("inf"), "epoch": -1}, []
-    if cfg.resume:
-        last = load_weights(out / "last", device=device)
-        model.load_state_dict(last.model.state_dict())
-        state = torch.load(out / "last" / "train_state.pt", map_location=device, weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best, log = state["epoch"] + 1, state["best"], state["log"]
-        if show:
-            print(f"resuming after epoch {start_epoch} (best val acc {best['val_acc']:.4f})", flush=True)
 
-    ddp_model = FeaturesAndLogits(model)
-    if world > 1:
-        ddp_model = nn.parallel.DistributedDataParallel(
-            ddp_model, device_ids=[device.index] if device.type == "cuda" else None
+class FeaturesAndLogits(nn.Module):
+    """The ResNet's forward returning ``(layer4 map, logits)``, so DDP sees the pass the CAM loss uses."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return features_and_logits(self.model, x)
+
+
+def wrap_for_training(ctx: RunContext, model: nn.Module) -> nn.Module:
+    net = FeaturesAndLogits(model)
+    if ctx.world > 1:
+        net = nn.parallel.DistributedDataParallel(
+            net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
         )
+    return net
 
-    train_images, train_labels = images[train_idx], labels[train_idx]
-    val_images, val_labels = images[val_idx], labels[val_idx]
-    train_guidance, val_masked = Guidance(None, None, notumor), None
-    if guidance.masks is not None:
-        t_idx, v_idx = torch.from_numpy(train_idx).to(device), torch.from_numpy(val_idx).to(device)
-        train_guidance = Guidance(guidance.masks[t_idx], guidance.has_mask[t_idx], notumor)
-        v_sel = v_idx[guidance.has_mask[v_idx]]
-        if len(v_sel):
-            val_masked = (images[v_sel], labels[v_sel], guidance.masks[v_sel])
-        del guidance  # the full-size copy; the train subset holds what training needs
-    if show:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out / "config.json", (json.dumps(asdict(cfg), indent=2) + "\n").encode())
-    meta = weights_metadata(cfg, class_names, pre, fingerprint)
-    meta["training"]["device"] = device.type  # what ran, not what was asked ("auto")
 
-    train_time = 0.0
-    for epoch in range(start_epoch, cfg.epochs):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.time()
-        stats = train_one_epoch(
-            ddp_model,
-            optimizer,
-            scheduler,
-            train_images,
-            train_labels,
-            cfg,
-            pre,
-            epoch,
-            rank,
-            world,
-            bf16,
-            show,
-            guidance=train_guidance,
-        )
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.time() - t
-        train_time += dt
-        stats.update(evaluate(model, val_images, val_labels, pre, cfg, rank, world, bf16))
-        if show and val_masked is not None:
-            stats.update(monitor_localization(model, *val_masked, pre, cfg.batch_size, bf16))
-        stats.update(
-            epoch=epoch + 1,
-            seconds=round(dt, 2),
-            images_per_s=round((len(train_idx) // world) * world / dt, 1),
-            lr=optimizer.param_groups[0]["lr"],
-        )
-        log.append(stats)
-        if show:
-            improved = stats.get("val_acc", 0.0) > best["val_acc"] or (
-                stats.get("val_acc", 0.0) == best["val_acc"] and stats.get("val_loss", 0.0) <= best["val_loss"]
-            )
-            if improved or not len(val_idx):
-                best = {
-                    "val_acc": stats.get("val_acc", 0.0),
-                    "val_loss": stats.get("val_loss", 0.0),
-                    "epoch": epoch + 1,
-                }
-                save_weights(model, out / "best", {**meta, "metrics": {"best_epoch": best}})
-            save_weights(model, out / "last", {**meta, "metrics": {"epoch": epoch + 1}})
-            save_state(out / "last" / "train_state.pt", optimizer, scheduler, epoch, best, log)
-            atomic_write_bytes(out / "log.json", (json.dumps(log, indent=1) + "\n").encode())
-            msg = " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items())
-            print(msg, flush=True)
+# --------------------------------------------------------------------------- one step
 
-    if show:
-        final = finalize(out, cfg, {"images": images, "labels": labels}, train_idx, val_idx, class_names, device)
+
+@dataclass
+class Batch:
+    """One augmented training batch; the tumour and head masks went through the images' warp."""
+
+    x: torch.Tensor  # normalised model input, channels-last
+    y: torch.Tensor
+    lesion: torch.Tensor | None = None  # (N, 1, S, S) in [0, 1]
+    has_mask: torch.Tensor | None = None  # bool (N,)
+    erased: torch.Tensor | None = None  # bool (N,): the lesion was inpainted
+    head: torch.Tensor | None = None  # (N, 1, S, S) in [0, 1]
+
+
+def make_batch(ctx: RunContext, data: Split, idx: torch.Tensor, aug: AugmentConfig, gen: torch.Generator) -> Batch:
+    """Augment the images at ``idx`` on the device (drawing from ``gen`` in a fixed order, so a seed repeats)."""
+    cfg = ctx.cfg
+    use_masks, use_head = data.masks is not None, cfg.head_loss_weight > 0
+    images = data.images[idx]
+    batch = Batch(x=images, y=data.labels[idx])
+    if not (use_masks or use_head):
+        x01 = augment(images, aug, gen)
+    else:
+        channels = []
+        if use_masks:
+            batch.has_mask = data.has_mask[idx]
+            channels.append(data.masks[idx])
+            if cfg.lesion_erase > 0:
+                draw = torch.rand(len(idx), generator=gen, device=images.device)
+                batch.erased = batch.has_mask & (draw < cfg.lesion_erase)
+        if use_head:
+            channels.append(head_region(images.float().div_(255.0)))
+        masks = torch.cat([c.float().div(255.0) if c.dtype == torch.uint8 else c for c in channels], 1)
+        x01, warped = augment_pair(images, masks, aug, gen, erase=batch.erased)
+        batch.lesion = warped[:, :1] if use_masks else None
+        batch.head = warped[:, -1:] if use_head else None
+    batch.x = normalize(x01, ctx.pre).contiguous(memory_format=torch.channels_last)
+    return batch
+
+
+def guidance_ramp(progress: float, warmup_epochs: float) -> float:
+    """Factor on the CAM losses at ``progress`` epochs: 0 for the first half of the warm-up, then linear to 1.
+
+    A CAM loss from the first step can win before the network has features to classify with (the
+    map is shaped, the class never learned); the classifier gets a head start instead.
+    """
+    if warmup_epochs <= 0:
+        return 1.0
+    return min(1.0, max(0.0, 2.0 * progress / warmup_epochs - 1.0))
+
+
+def _cam_term(fmap, fc_weight, batch: Batch, masks: torch.Tensor, sel: torch.Tensor, mode: str) -> torch.Tensor:
+    """Mean CAM-in-mask loss of the true class over the selected images (0 when none is selected)."""
+    per = attention.cam_mask_loss(fmap, fc_weight, batch.y, masks, mode)
+    return (per * sel).sum() / sel.sum().clamp_min(1)
+
+
+def compute_loss(
+    ctx: RunContext, batch: Batch, fmap: torch.Tensor, logits: torch.Tensor, fc_weight: torch.Tensor, ramp: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Cross-entropy (uniform or no-tumour target for erased images) plus the weighted, ramped CAM losses."""
+    cfg, y, erased = ctx.cfg, batch.y, batch.erased
+    ce = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing, reduction="none")
+    if erased is not None:
+        if cfg.erase_target == "uniform":
+            other = -F.log_softmax(logits, dim=1).mean(1)
+        else:
+            target = torch.full_like(y, ctx.negative)
+            other = F.cross_entropy(logits, target, label_smoothing=cfg.label_smoothing, reduction="none")
+        ce = torch.where(erased, other, ce)
+    loss, parts = ce.mean(), {}
+    kept = ~erased if erased is not None else torch.ones_like(y, dtype=torch.bool)
+    if cfg.cam_loss_weight > 0:
+        parts["cam"] = _cam_term(fmap, fc_weight, batch, batch.lesion, batch.has_mask & kept, cfg.cam_loss)
+        loss = loss + ramp * cfg.cam_loss_weight * parts["cam"]
+    if cfg.head_loss_weight > 0:
+        unmasked = ~batch.has_mask if batch.has_mask is not None else torch.ones_like(y, dtype=torch.bool)
+        parts["head"] = _cam_term(fmap, fc_weight, batch, batch.head, unmasked & kept, cfg.cam_loss)
+        loss = loss + ramp * cfg.head_loss_weight * parts["head"]
+    return loss, {k: v.detach() for k, v in parts.items()}
+
+
+# --------------------------------------------------------------------------- one epoch
+
+
+class EpochMeter:
+    """Sums of the loss, the correct answers and the guidance losses over an epoch, kept on the device."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.loss = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device)
+        self.parts: dict[str, torch.Tensor] = {}
+        self.seen = 0
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
+        self.loss += loss.detach() * len(y)
+        self.correct += (logits.argmax(1) == y).sum()
+        for k, v in parts.items():
+            self.parts[k] = self.parts.get(k, torch.zeros((), device=self.device)) + v * len(y)
+        self.seen += len(y)
+
+    def postfix(self) -> dict[str, str]:
+        return {"loss": f"{self.loss.item() / self.seen:.3f}", "acc": f"{self.correct.item() / self.seen:.3f}"}
+
+    def result(self, world: int) -> dict[str, float]:
+        """The epoch's means over every process."""
+        keys = sorted(self.parts)
+        seen = torch.tensor(float(self.seen), device=self.device)
+        stats = torch.stack([self.loss, self.correct, seen, *(self.parts[k] for k in keys)])
+        if world > 1:
+            dist.all_reduce(stats)
+        out = {"train_loss": (stats[0] / stats[2]).item(), "train_acc": (stats[1] / stats[2]).item()}
+        out.update({f"train_{k}_loss": (stats[3 + j] / stats[2]).item() for j, k in enumerate(keys)})
+        return out
+
+
+def shard_order(ctx: RunContext, n: int, epoch: int) -> torch.Tensor:
+    """This process's share of the epoch's shuffled order (the same permutation on every process)."""
+    g = torch.Generator(device="cpu").manual_seed(ctx.cfg.seed * 100_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    per_rank = n // ctx.world
+    return perm[ctx.rank * per_rank : (ctx.rank + 1) * per_rank].to(ctx.device)
+
+
+def train_one_epoch(ctx: RunContext, model: nn.Module, optimizer, scheduler, data: Split, epoch: int) -> dict:
+    """One pass over this process's shard; ``model`` returns ``(layer4 map, logits)`` (:func:`wrap_for_training`)."""
+    cfg = ctx.cfg
+    model.train()
+    mine = shard_order(ctx, len(data), epoch)
+    aug_g = torch.Generator(device=ctx.device).manual_seed(cfg.seed * 1_000_003 + epoch * 101 + ctx.rank)
+    aug = AugmentConfig(**cfg.augment)
+    fc_weight = (model.module if hasattr(model, "module") else model).model.fc.weight
+    steps = math.ceil(len(mine) / cfg.batch_size)
+    meter = EpochMeter(ctx.device)
+    desc = f"epoch {epoch + 1}/{cfg.epochs}"
+    bar = tqdm(range(steps), desc=desc, leave=False, disable=not ctx.main_process, dynamic_ncols=True)
+    for i in bar:
+        batch = make_batch(ctx, data, mine[i * cfg.batch_size : (i + 1) * cfg.batch_size], aug, aug_g)
+        with torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=ctx.bf16):
+            fmap, logits = model(batch.x)
+        logits = logits.float()
+        ramp = guidance_ramp(epoch + i / steps, cfg.cam_warmup_epochs)
+        loss, parts = compute_loss(ctx, batch, fmap, logits, fc_weight, ramp)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        meter.add(loss, logits, batch.y, parts)
+        if ctx.main_process and (i % 10 == 0 or i == steps - 1):
+            bar.set_postfix(**meter.postfix())
+    return meter.result(ctx.world)
+
+
+def evaluate(ctx: RunContext, model: nn.Module, data: Split) -> dict:
+    """Validation loss and accuracy; each process scores its shard and the counts are summed."""
+    if len(data) == 0:
+        return {}
+    shard = slice(ctx.rank, None, ctx.world)
+    logits = inference.forward(
+        model, data.images[shard], ctx.pre, ctx.cfg.batch_size, bf16=ctx.bf16, channels_last=True
+    ).logits
+    y = data.labels[shard].cpu()
+    stats = torch.tensor(
+        [F.cross_entropy(logits, y, reduction="sum").item(), (logits.argmax(1) == y).sum().item(), float(len(y))],
+        device=data.images.device,
+    )
+    if ctx.world > 1:
+        dist.all_reduce(stats)
+    return {"val_loss": (stats[0] / stats[2]).item(), "val_acc": (stats[1] / stats[2]).item()}
+
+
+@torch.no_grad()
+def monitor_localization(ctx: RunContext, model: nn.Module, data: Split) -> dict:
+    """Approximate pointing game and heat-in-mask of the true class's CAM on masked validation images."""
+    hits, mass = [], []
+    batches = inference.forward_batches(
+        model, data.images, ctx.pre, ctx.cfg.batch_size, bf16=ctx.bf16, channels_last=True
+    )
+    for sl, fmap, _ in batches:
+        cam = inference.class_activation_map(fmap, model.fc.weight, data.labels[sl])
+        m = data.masks[sl].float().div_(255.0)
+        hits.append(attention.pointing_hits(cam, m).float().cpu())
+        mass.append(attention.heat_in_mask(cam, m).cpu())
+    return {"val_pointing": torch.cat(hits).mean().item(), "val_heat_in_mask": torch.cat(mass).mean().item()}
+
+
+def run_epoch(
+    ctx: RunContext, net: nn.Module, model: nn.Module, optimizer, scheduler, run: RunData, epoch: int
+) -> dict:
+    """Train one epoch, then score the validation carve-out (and the heatmaps of its masked images)."""
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.time()
+    stats = train_one_epoch(ctx, net, optimizer, scheduler, run.train, epoch)
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.time() - t
+    stats.update(evaluate(ctx, model, run.val))
+    if ctx.main_process and run.val_masked is not None:
+        stats.update(monitor_localization(ctx, model, run.val_masked))
+    stats.update(
+        epoch=epoch + 1,
+        seconds=round(dt, 2),
+        images_per_s=round((len(run.train) // ctx.world) * ctx.world / dt, 1),
+        lr=optimizer.param_groups[0]["lr"],
+    )
+    return stats
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+@dataclass
+class Progress:
+    """Where a run stands: the next epoch, the best epoch so far and the per-epoch log (``log.json``)."""
+
+    start_epoch: int = 0
+    best: dict = field(default_factory=lambda: {"val_acc": -1.0, "val_loss": float("inf"), "epoch": -1})
+    log: list = field(default_factory=list)
+
+
+def resume(ctx: RunContext, model: nn.Module, optimizer, scheduler) -> Progress:
+    """With ``--resume``, load ``OUT/last``'s weights, optimiser, schedule and log; else a fresh start."""
+    if not ctx.cfg.resume:
+        return Progress()
+    last = ctx.out / "last"
+    model.load_state_dict(load_weights(last, device=ctx.device).model.state_dict())
+    state = torch.load(last / "train_state.pt", map_location=ctx.device, weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    progress = Progress(state["epoch"] + 1, state["best"], state["log"])
+    if ctx.main_process:
+        logger.info("resuming after epoch %d (best val acc %.4f)", progress.start_epoch, progress.best["val_acc"])
+    return progress
+
+
+def save_state(path: Path, optimizer, scheduler, epoch: int, best: dict, log: list) -> None:
+    """Optimiser and schedule state for --resume (tensors and plain values only: loads with weights_only)."""
+    buf = io.BytesIO()
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": epoch,
+        "best": best,
+        "log": log,
+    }
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _improved(stats: dict, best: dict) -> bool:
+    # Without a validation split both are 0.0, so every epoch counts as the best (the last one is kept).
+    acc, loss = stats.get("val_acc", 0.0), stats.get("val_loss", 0.0)
+    return acc > best["val_acc"] or (acc == best["val_acc"] and loss <= best["val_loss"])
+
+
+def save_checkpoint(ctx: RunContext, model: nn.Module, optimizer, scheduler, progress: Progress, meta: dict) -> None:
+    """After an epoch: ``best/`` when validation improved, ``last/`` with the state for --resume, ``log.json``."""
+    stats = progress.log[-1]
+    epoch = stats["epoch"]
+    if _improved(stats, progress.best):
+        progress.best = {"val_acc": stats.get("val_acc", 0.0), "val_loss": stats.get("val_loss", 0.0), "epoch": epoch}
+        save_weights(model, ctx.out / "best", {**meta, "metrics": {"best_epoch": progress.best}})
+    save_weights(model, ctx.out / "last", {**meta, "metrics": {"epoch": epoch}})
+    save_state(ctx.out / "last" / "train_state.pt", optimizer, scheduler, epoch - 1, progress.best, progress.log)
+    atomic_write_bytes(ctx.out / "log.json", (json.dumps(progress.log, indent=1) + "\n").encode())
+
+
+def weights_metadata(
+    cfg: TrainConfig, class_names, pre: PreprocessConfig, fingerprint: str, extra: dict | None = None
+) -> dict:
+    meta = {
+        "arch": cfg.arch,
+        "class_names": list(class_names),
+        "in_chans": 1,
+        "preprocessing": pre.to_dict(),
+        "training": asdict(cfg),
+        "data_fingerprint": fingerprint,
+        "code_version": code_version(),
+    }
+    meta.update(extra or {})
+    return meta
+
+
+def _calibration(ctx: RunContext, logits: torch.Tensor, y: torch.Tensor, class_names: list[str]) -> dict:
+    """The temperature, screening threshold and accuracy fitted on the validation carve-out, as metadata."""
+    from tumor_xai import calibration
+
+    temperature = calibration.fit_temperature(logits, y)
+    probs = torch.softmax(logits / temperature, dim=1).numpy()
+    where = {"fitted_on": "validation carve-out", "n": len(y)}
+    meta: dict = {"calibration": {"temperature": float(temperature), **where}}
+    if ctx.negative is not None:
+        k = ctx.negative
+        threshold = calibration.choose_threshold(1.0 - probs[:, k], y.numpy() != k, ctx.cfg.screening_sensitivity)
+        meta["screening"] = {
+            "threshold": float(threshold),
+            "negative_class": NEGATIVE_CLASS,
+            "target_sensitivity": ctx.cfg.screening_sensitivity,
+            "chosen_on": "validation carve-out",
+            "definition": "tumour probability = 1 - P(notumor); positive when >= threshold",
+        }
+    meta["validation"] = {"accuracy": float((logits.argmax(1) == y).float().mean()), "n": len(y)}
+    return meta
+
+
+def finalize(ctx: RunContext, run: RunData) -> dict:
+    """Calibrate the best checkpoint on the validation split, fit the OOD statistics, write OUT/.
+
+    Runs in float32, as the app does: a threshold fitted on bf16 logits could sit on the wrong side
+    of slices near it.
+    """
+    from tumor_xai import ood
+
+    best = load_weights(ctx.out / "best", device=ctx.device)
+    meta = dict(best.metadata)
+
+    def forward(idx: np.ndarray) -> inference.Forward:
+        return inference.forward(best.model, run.all.images[idx], ctx.pre, ctx.cfg.batch_size, channels_last=True)
+
+    train_feats = forward(run.train_idx).features
+    if len(run.val_idx):
+        val = forward(run.val_idx)
+        fitted = _calibration(ctx, val.logits, run.all.labels[run.val_idx].cpu(), run.class_names)
+        meta.setdefault("metrics", {})["validation"] = fitted.pop("validation")
+        meta.update(fitted)
+        val_feats = val.features
+    else:
+        val_feats = train_feats
+        logger.warning("no validation split: temperature stays 1 and no screening threshold is stored")
+    extras, meta["ood"] = ood.fit(train_feats, run.all.labels[run.train_idx].cpu(), val_feats)
+    save_weights(best.model, ctx.out, meta, extras=extras, half=ctx.cfg.half)
+    return meta
+
+
+# --------------------------------------------------------------------------- main
+
+
+def train(cfg: TrainConfig, data: TrainingData | None = None) -> Path:
+    """Run training as configured (progress goes to the logger); returns the output folder.
+
+    ``data`` (from :func:`load_training_data`) skips the decoding, for several runs on one dataset;
+    it must match ``cfg`` (image size, and masks when the run uses them).
+    """
+    ctx = start_run(cfg)
+    run = place_data(ctx, _check_data(ctx, data))
+    model = create_model(ctx, run)
+    optimizer, scheduler = build_optimizer(ctx, model, len(run.train))
+    progress = resume(ctx, model, optimizer, scheduler)
+    net = wrap_for_training(ctx, model)
+    meta = weights_metadata(cfg, run.class_names, ctx.pre, run.fingerprint)
+    meta["training"]["device"] = ctx.device.type  # what ran, not what was asked ("auto")
+    if ctx.main_process:
+        ctx.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(ctx.out / "config.json", (json.dumps(asdict(cfg), indent=2) + "\n").encode())
+
+    for epoch in range(progress.start_epoch, cfg.epochs):
+        progress.log.append(run_epoch(ctx, net, model, optimizer, scheduler, run, epoch))
+        if ctx.main_process:
+            save_checkpoint(ctx, model, optimizer, scheduler, progress, meta)
+            stats = progress.log[-1].items()
+            logger.info(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in stats))
+
+    if ctx.main_process:
+        final = finalize(ctx, run)
         summary = {
-            "train_seconds": round(train_time, 1),
-            "best": best,
+            "train_seconds": round(sum(s["seconds"] for s in progress.log[progress.start_epoch :]), 1),
+            "best": progress.best,
             "calibration": final.get("calibration"),
             "screening": final.get("screening"),
             "ood": {k: v for k, v in final.get("ood", {}).items() if not isinstance(v, list)},
         }
-        print(json.dumps(summary, indent=1), flush=True)
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    return out
+        logger.info("finished: %s", json.dumps(summary))
+    end_run(ctx)
+    return ctx.out
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog="python -m tumor_xai.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="dataset root holding Training/<class>/*")
+    p.add_argument("--out", required=True, help="output folder for the weights, logs and config")
+    p.add_argument("--arch", default=d.arch, choices=sorted(ARCHITECTURES))
+    p.add_argument(
+        "--pretrained", default=None, choices=["imagenet"], help="start from ImageNet weights (needs internet)"
+    )
+    p.add_argument(
+        "--init",
+        default=None,
+        metavar="WEIGHTS",
+        help="start from this weights folder (e.g. weights/) with a fresh schedule; it must have been trained "
+        "with the same --seed, --val-fraction and data, so its validation images stay out of training",
+    )
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
+    p.add_argument("--image-size", type=int, default=d.image_size)
+    p.add_argument(
+        "--lr", type=float, default=d.lr, help="peak SGD learning rate for a global batch of 128 (scaled linearly)"
+    )
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
+    p.add_argument("--amp", default=d.amp, choices=["auto", "bf16", "off"])
+    p.add_argument(
+        "--intensity", default=d.intensity, choices=["percentile", "none"], help="per-image intensity normalisation"
+    )
+    p.add_argument(
+        "--skip-unreadable",
+        action="store_true",
+        help="leave unreadable images out (listed in the log) instead of stopping",
+    )
+    p.add_argument("--screening-sensitivity", type=float, default=d.screening_sensitivity)
+    p.add_argument("--half", action="store_true", help="store the final weights as float16 (half the size)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
+    _add_guidance_arguments(p.add_argument_group("augmentation and attention guidance"), d)
+    return p
+
+
+def _add_guidance_arguments(g: argparse._ArgumentGroup, d: TrainConfig) -> None:
+    g.add_argument("--aug", default=d.aug, choices=sorted(PRESETS), help="augmentation recipe (default: basic)")
+    g.add_argument(
+        "--aug-set",
+        action="append",
+        default=[],
+        type=_override,
+        metavar="NAME=VALUE",
+        help="override one strength of the recipe, e.g. --aug-set invert=0.3 (repeatable; names: "
+        + ", ".join(f.name for f in fields(AugmentConfig))
+        + ")",
+    )
+    g.add_argument("--masks", default=None, help="tumour masks folder (masks.csv + <split>/<class>/<stem>.png)")
+    g.add_argument(
+        "--cam-loss-weight", type=float, default=d.cam_loss_weight, help="weight of the CAM-in-mask loss (0: off)"
+    )
+    g.add_argument(
+        "--cam-loss",
+        default=d.cam_loss,
+        choices=attention.CAM_LOSSES,
+        help="mass: -log heat in mask; kl: KL(mask || CAM)",
+    )
+    g.add_argument(
+        "--cam-warmup-epochs",
+        type=float,
+        default=d.cam_warmup_epochs,
+        help="the CAM and head losses are off for the first half of this many epochs and ramp up over the second half",
+    )
+    g.add_argument(
+        "--head-loss-weight",
+        type=float,
+        default=d.head_loss_weight,
+        help="weight of the CAM-in-head loss for images without a tumour mask (0: off)",
+    )
+    g.add_argument(
+        "--lesion-erase", type=float, default=d.lesion_erase, help="probability of inpainting a masked lesion (0: off)"
+    )
+    g.add_argument(
+        "--erase-target", default=d.erase_target, choices=["uniform", "notumor"], help="target of an erased image"
+    )
+
+
+def _override(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return name.strip().replace("-", "_"), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=NUMBER, got {text!r}") from None
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The run's configuration; raises ``ValueError`` for an unknown ``--aug-set`` name or a negative strength."""
+    names = {f.name for f in fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values["augment"] = AugmentConfig.preset(args.aug).with_overrides(dict(args.aug_set)).to_dict()
+    return TrainConfig(**values)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -827,7 +960,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    train(cfg)
+    out = train(cfg)
+    print(f"wrote {out}")
     return 0
 
 
