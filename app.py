@@ -253,6 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = get_args_parser().parse_args(argv)
     serve.install_shutdown(CACHE)
+    serve.tune_malloc()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(max(1, cores // args.concurrency))  # two 1-thread predictions beat one 2-thread one
     try:

@@ -398,3 +398,14 @@ def test_a_stop_signal_leaves_nothing_in_the_cache(tmp_path, served, sig):
     assert code == 0
     assert [p for p in cache.rglob("*") if p.is_file()] == []
     assert list(cache.iterdir()) == []
+
+
+def test_malloc_returns_large_blocks_to_the_system():
+    from tumor_xai import serve
+
+    if (
+        not Path("/lib/x86_64-linux-gnu/libc.so.6").exists()
+        and not Path("/usr/lib/x86_64-linux-gnu/libc.so.6").exists()
+    ):
+        pytest.skip("not glibc")
+    assert serve.tune_malloc() is True
