@@ -1,0 +1,64 @@
+"""Compare weights folders on the validation carve-out they share: the gate before a new model ships.
+
+    python benchmarks/compare_validation.py --data DATA --masks MASKS weights/ runs/candidate [...]
+
+Every folder is scored on the same carve-out (the first folder's ``--seed`` and ``--val-fraction``,
+which ``train --init`` keeps): accuracy, accuracy under each stress test, and the approximate pointing
+game and heat-in-mask of the default heatmap on the masked validation slices. A candidate ships only
+if it is at least as good as the shipped weights on accuracy and on the worst stress test; the exit
+status says whether the last folder passes that gate against the first (0 yes, 1 no).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from ablation import validation_scores
+
+from tumor_xai.checkpoint import load_weights
+from tumor_xai.train import TrainConfig, load_training_data
+
+ROWS = [
+    ("val_acc", "accuracy"),
+    ("val_stress_min", "worst stress accuracy"),
+    ("val_pointing", "pointing game (masked slices)"),
+    ("val_heat_in_mask", "heat in mask"),
+]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True)
+    p.add_argument("--masks", required=True)
+    p.add_argument("--json", type=Path, help="also write the scores here")
+    p.add_argument("weights", nargs="+", type=Path, help="weights folders; the first is the reference")
+    args = p.parse_args()
+
+    trained = load_weights(args.weights[0]).metadata.get("training", {})
+    size = load_weights(args.weights[0]).preprocess.input_size
+    cfg = TrainConfig(data=args.data, masks=args.masks, image_size=size, seed=trained.get("seed", 0))
+    cfg = replace(cfg, val_fraction=trained.get("val_fraction", cfg.val_fraction))
+    data = load_training_data(cfg, fingerprint=False)
+    scores = {str(w): validation_scores(w, data, cfg) for w in args.weights}
+    names = list(scores)
+    print(f"validation carve-out of seed {cfg.seed} ({next(iter(scores.values()))['val_n']} images, {size} px)")
+    print("| | " + " | ".join(names) + " |\n|---" * 1 + "|---" * len(names) + "|")
+    for key, label in ROWS:
+        cells = [f"{100 * s[key]:.2f} %" if key in s else "-" for s in scores.values()]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    for name in scores[names[0]]["val_stress"]:
+        print(f"| {name} | " + " | ".join(f"{100 * s['val_stress'][name]:.2f} %" for s in scores.values()) + " |")
+    if args.json:
+        args.json.write_text(json.dumps(scores, indent=1) + "\n")
+    ref, new = scores[names[0]], scores[names[-1]]
+    passes = new["val_acc"] >= ref["val_acc"] and new["val_stress_min"] >= ref["val_stress_min"]
+    print(f"{names[-1]} {'passes' if passes else 'does not pass'} the gate against {names[0]}")
+    return 0 if passes else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
