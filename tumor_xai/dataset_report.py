@@ -518,119 +518,146 @@ def build_report(
     }
     summary = _summarise(ds, dec, files, counts, stats, dup)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "README.md").write_text(_markdown(ds, dec, files, counts, stats, dup, figs, summary, image_size))
+    report = _ReportData(ds, dec, files, counts, stats, dup, figs, summary, image_size)
+    (out / "README.md").write_text(_markdown(report))
     logger.info("wrote %s in %.1f s", out / "README.md", time.perf_counter() - start)
     return summary
 
 
-def _summarise(ds, dec, files, counts, stats, dup: DuplicateCensus) -> dict:
-    names = ds.class_names
-    tr, te = dec["Training"], dec["Testing"]
-    twin = dup.test_with_twin
-    exact_test_ids = sorted({i for i, _ in dup.exact_across})
-    cross_near_train = [(i, j, d) for i, j, d in dup.near_train if tr.labels[i] != tr.labels[j]]
-    cross_near_across = [(i, j, d) for i, j, d in dup.near_across if te.labels[i] != tr.labels[j]]
-    cross_exact_train = [g for g in dup.exact_train if len({int(tr.labels[k]) for k in g}) > 1]
-    cross_exact_across = [(i, j) for i, j in dup.exact_across if te.labels[i] != tr.labels[j]]
-    n_groups = len(np.unique(dup.train_groups))
-    closest = None
+def _closest_cross_class(ds: KaggleDataset, tr: DecodedSplit, te: DecodedSplit, dup: DuplicateCensus) -> list | None:
+    """The Testing x Training pair with different labels whose thumbnails are closest, with their MAD."""
     finite = np.flatnonzero(np.isfinite(dup.nearest_other_class))
-    if len(finite):
-        i = int(finite[np.argmin(dup.nearest_other_class[finite])])
-        d_all = np.abs(tr.thumbs - te.thumbs[i]).reshape(len(tr.labels), -1).mean(axis=1)
-        d_all[tr.labels == te.labels[i]] = np.inf
-        j = int(np.argmin(d_all))
-        closest = [_rel(te.paths[i], ds.root), _rel(tr.paths[j], ds.root), round(float(d_all[j]), 3)]
+    if not len(finite):
+        return None
+    i = int(finite[np.argmin(dup.nearest_other_class[finite])])
+    d_all = np.abs(tr.thumbs - te.thumbs[i]).reshape(len(tr.labels), -1).mean(axis=1)
+    d_all[tr.labels == te.labels[i]] = np.inf
+    j = int(np.argmin(d_all))
+    return [_rel(te.paths[i], ds.root), _rel(tr.paths[j], ds.root), round(float(d_all[j]), 3)]
+
+
+def _exact_summary(ds: KaggleDataset, tr: DecodedSplit, te: DecodedSplit, dup: DuplicateCensus) -> dict:
+    cross_train = [g for g in dup.exact_train if len({int(tr.labels[k]) for k in g}) > 1]
+    cross_across = [(i, j) for i, j in dup.exact_across if te.labels[i] != tr.labels[j]]
     return {
-        "dataset": ds.root.name,
-        "class_names": names,
-        "counts": counts,
-        "training_fingerprint": ds.fingerprint("Training"),
-        "threshold": dup.threshold,
-        "exact": {
-            "training_groups": len(dup.exact_train),
-            "training_redundant": int(sum(len(g) - 1 for g in dup.exact_train)),
-            "testing_redundant": int(sum(len(g) - 1 for g in dup.exact_test)),
-            "testing_identical_to_training": len(exact_test_ids),
-            "cross_class_training": [[_rel(tr.paths[k], ds.root) for k in g] for g in cross_exact_train],
-            "cross_class_across": [
-                [_rel(te.paths[i], ds.root), _rel(tr.paths[j], ds.root)] for i, j in cross_exact_across
-            ],
-        },
-        "near": {
-            "training_pairs": len(dup.near_train),
-            "training_images_with_twin": int(len({k for p in dup.near_train for k in p[:2]})),
-            "training_redundant": int(len(tr.labels) - n_groups),
-            "testing_pairs": len(dup.near_test),
-            "across_pairs": len(dup.near_across),
-            "testing_with_training_twin": int(len(twin)),
-            "testing_with_training_twin_per_class": {
-                names[c]: int(np.sum(te.labels[twin] == c)) for c in range(len(names))
-            },
-            "duplicate_free_testing": int(len(te.labels) - len(twin)),
-            "testing_with_training_twin_files": [_rel(te.paths[i], ds.root) for i in twin],
-            "closest_cross_class_across": closest,
-            "cross_class_training": [
-                [_rel(tr.paths[i], ds.root), _rel(tr.paths[j], ds.root), round(d, 3)] for i, j, d in cross_near_train
-            ],
-            "cross_class_across": [
-                [_rel(te.paths[i], ds.root), _rel(tr.paths[j], ds.root), round(d, 3)] for i, j, d in cross_near_across
-            ],
-        },
-        "median_stats": {
-            s: {
-                names[c]: {
-                    k: float(np.nanmedian(v[dec[s].labels == c]))
-                    if np.any(np.isfinite(v[dec[s].labels == c]))
-                    else None
-                    for k, v in stats[s].items()
-                }
-                for c in range(len(names))
-                if counts[s][c]
-            }
-            for s in SPLITS
-        },  # fmt: skip
+        "training_groups": len(dup.exact_train),
+        "training_redundant": int(sum(len(g) - 1 for g in dup.exact_train)),
+        "testing_redundant": int(sum(len(g) - 1 for g in dup.exact_test)),
+        "testing_identical_to_training": len({i for i, _ in dup.exact_across}),
+        "cross_class_training": [[_rel(tr.paths[k], ds.root) for k in g] for g in cross_train],
+        "cross_class_across": [[_rel(te.paths[i], ds.root), _rel(tr.paths[j], ds.root)] for i, j in cross_across],
     }
 
 
-def _markdown(ds, dec, files, counts, stats, dup: DuplicateCensus, figs, summary, image_size) -> str:
-    names = ds.class_names
-    n_cls = len(names)
+def _near_summary(ds: KaggleDataset, tr: DecodedSplit, te: DecodedSplit, dup: DuplicateCensus) -> dict:
+    names, twin = ds.class_names, dup.test_with_twin
+    cross_train = [(i, j, d) for i, j, d in dup.near_train if tr.labels[i] != tr.labels[j]]
+    cross_across = [(i, j, d) for i, j, d in dup.near_across if te.labels[i] != tr.labels[j]]
+    return {
+        "training_pairs": len(dup.near_train),
+        "training_images_with_twin": int(len({k for p in dup.near_train for k in p[:2]})),
+        "training_redundant": int(len(tr.labels) - len(np.unique(dup.train_groups))),
+        "testing_pairs": len(dup.near_test),
+        "across_pairs": len(dup.near_across),
+        "testing_with_training_twin": int(len(twin)),
+        "testing_with_training_twin_per_class": {
+            names[c]: int(np.sum(te.labels[twin] == c)) for c in range(len(names))
+        },
+        "duplicate_free_testing": int(len(te.labels) - len(twin)),
+        "testing_with_training_twin_files": [_rel(te.paths[i], ds.root) for i in twin],
+        "closest_cross_class_across": _closest_cross_class(ds, tr, te, dup),
+        "cross_class_training": [
+            [_rel(tr.paths[i], ds.root), _rel(tr.paths[j], ds.root), round(d, 3)] for i, j, d in cross_train
+        ],
+        "cross_class_across": [
+            [_rel(te.paths[i], ds.root), _rel(tr.paths[j], ds.root), round(d, 3)] for i, j, d in cross_across
+        ],
+    }
+
+
+def _median_stats(names: list[str], dec, counts, stats) -> dict:
+    """Per split and class, the median of each image statistic (None where it is undefined)."""
+    out: dict = {}
+    for s in SPLITS:
+        out[s] = {}
+        for c in range(len(names)):
+            if not counts[s][c]:
+                continue
+            sel = dec[s].labels == c
+            out[s][names[c]] = {
+                k: float(np.nanmedian(v[sel])) if np.any(np.isfinite(v[sel])) else None for k, v in stats[s].items()
+            }
+    return out
+
+
+def _summarise(ds, dec, files, counts, stats, dup: DuplicateCensus) -> dict:
+    """``summary.json``: counts, the duplicate census (byte-identical and near) and median image statistics."""
     tr, te = dec["Training"], dec["Testing"]
-    ex, near = summary["exact"], summary["near"]
-    md: list[str] = []
-    add = md.append
-    add("# Dataset report: Brain Tumor MRI (Kaggle layout)\n")
-    add(
-        f"Generated by `python -m tumor_xai.dataset_report --data <{ds.root.name}> --out <this folder>`. Every image was decoded once and placed on a {image_size} px square "
+    return {
+        "dataset": ds.root.name,
+        "class_names": ds.class_names,
+        "counts": counts,
+        "training_fingerprint": ds.fingerprint("Training"),
+        "threshold": dup.threshold,
+        "exact": _exact_summary(ds, tr, te, dup),
+        "near": _near_summary(ds, tr, te, dup),
+        "median_stats": _median_stats(ds.class_names, dec, counts, stats),
+    }
+
+
+@dataclass
+class _ReportData:
+    """Everything the Markdown report is written from."""
+
+    ds: KaggleDataset
+    dec: dict[str, DecodedSplit]
+    files: dict[str, list[FileInfo]]
+    counts: dict[str, list[int]]
+    stats: dict[str, dict[str, np.ndarray]]
+    dup: DuplicateCensus
+    figs: dict[str, str]
+    summary: dict
+    image_size: int
+
+    @property
+    def names(self) -> list[str]:
+        return self.ds.class_names
+
+
+def _md_intro(r: _ReportData) -> list[str]:
+    return [
+        "# Dataset report: Brain Tumor MRI (Kaggle layout)\n",
+        f"Generated by `python -m tumor_xai.dataset_report --data <{r.ds.root.name}> --out <this folder>`. Every image was decoded once and placed on a {r.image_size} px square "
         "by the same path training and prediction use. Key numbers are also in `summary.json`. "
-        f"Training fingerprint (sha256 over paths, labels and bytes): `{summary['training_fingerprint'][:16]}…`.\n"
-    )
-
-    add("## 1. Images per class and split\n")
-    rows = [
-        [names[c], counts["Training"][c], counts["Testing"][c], counts["Training"][c] + counts["Testing"][c]]
-        for c in range(n_cls)
+        f"Training fingerprint (sha256 over paths, labels and bytes): `{r.summary['training_fingerprint'][:16]}…`.\n",
     ]
-    rows.append(
-        ["**total**", sum(counts["Training"]), sum(counts["Testing"]), sum(counts["Training"]) + sum(counts["Testing"])]
-    )
-    add(_table(["class", "Training", "Testing", "total"], rows) + "\n")
-    add(f"![Images per class and split]({figs['counts']})\n")
 
-    add("## 2. Files on disk\n")
+
+def _md_counts(r: _ReportData) -> list[str]:
+    tr, te = r.counts["Training"], r.counts["Testing"]
+    rows = [[name, tr[c], te[c], tr[c] + te[c]] for c, name in enumerate(r.names)]
+    rows.append(["**total**", sum(tr), sum(te), sum(tr) + sum(te)])
+    return [
+        "## 1. Images per class and split\n",
+        _table(["class", "Training", "Testing", "total"], rows) + "\n",
+        f"![Images per class and split]({r.figs['counts']})\n",
+    ]
+
+
+def _md_files(r: _ReportData) -> list[str]:
     combos: Counter = Counter()
     for s in SPLITS:
-        for f in files[s]:
+        for f in r.files[s]:
             combos[(s, f.format, f.mode, f"{f.width}×{f.height}")] += 1
-    add(
+    md = [
+        "## 2. Files on disk\n",
         _table(["split", "format", "PIL mode", "size (W×H)", "files"], [[*k, v] for k, v in sorted(combos.items())])
-        + "\n"
-    )
+        + "\n",
+    ]
     rows = []
     for s in SPLITS:
-        for c in range(n_cls):
-            fl = [f for f, lab in zip(files[s], dec[s].labels, strict=False) if lab == c]
+        for c in range(len(r.names)):
+            fl = [f for f, lab in zip(r.files[s], r.dec[s].labels, strict=False) if lab == c]
             if not fl:
                 continue
             modes = Counter(f.mode for f in fl)
@@ -638,11 +665,13 @@ def _markdown(ds, dec, files, counts, stats, dup: DuplicateCensus, figs, summary
             q = np.array([np.nan if f.jpeg_quality is None else f.jpeg_quality for f in fl])
             qs = Counter(int(v) for v in q[np.isfinite(q)])
             rows.append([
-                s, names[c], ", ".join(f"{m} {n / len(fl):.0%}" for m, n in modes.most_common()),
+                s, r.names[c], ", ".join(f"{m} {n / len(fl):.0%}" for m, n in modes.most_common()),
                 _median_iqr(kb, ".1f"), ", ".join(f"q{k} ×{n}" for k, n in qs.most_common(3)) or "–",
             ])  # fmt: skip
-    add(_table(["split", "class", "colour mode", "file kB, median (IQR)", "JPEG quality (most common)"], rows) + "\n")
-    qualities = {f.jpeg_quality for s in SPLITS for f in files[s] if f.jpeg_quality is not None}
+    md.append(
+        _table(["split", "class", "colour mode", "file kB, median (IQR)", "JPEG quality (most common)"], rows) + "\n"
+    )
+    qualities = {f.jpeg_quality for s in SPLITS for f in r.files[s] if f.jpeg_quality is not None}
     note = (
         "Colour mode is how a file is stored; the decoder turns every file into one grey channel, so the model "
         "never sees it, but it follows the source collection a file came from and so differs by class. "
@@ -653,53 +682,56 @@ def _markdown(ds, dec, files, counts, stats, dup: DuplicateCensus, figs, summary
             "were all re-encoded when this copy was made, so compression level does not tell the sources apart "
             "here; file size still does, because it follows image content, size of the original and noise."
         )
-    add(note + "\n")
+    return [*md, note + "\n"]
 
-    add("## 3. Mean images and framing\n")
-    add(f"![Mean image per class]({figs['means']})\n")
-    add(f"![Differences between class mean images]({figs['diffs']})\n")
+
+def _md_framing(r: _ReportData) -> list[str]:
+    tr = r.dec["Training"]
 
     def medians(key: str) -> str:
         return ", ".join(
-            f"{names[c]} {np.median(stats['Training'][key][tr.labels == c]):.0%}"
-            for c in range(n_cls)
-            if counts["Training"][c]
+            f"{r.names[c]} {np.median(r.stats['Training'][key][tr.labels == c]):.0%}"
+            for c in range(len(r.names))
+            if r.counts["Training"][c]
         )
 
-    add(
+    return [
+        "## 3. Mean images and framing\n",
+        f"![Mean image per class]({r.figs['means']})\n",
+        f"![Differences between class mean images]({r.figs['diffs']})\n",
         "Each class has its own typical framing: how much of the frame the head fills, where it sits, which "
         "orientations and sequences dominate. Median share of the frame taken by the box around the head, in "
         f"Training: {medians('extent')}; median black-background fraction: {medians('black')}. A classifier can "
         "pick up framing instead of tumour signs; Grad-CAM heatmaps that light up the border or the background "
-        "are the symptom to look for.\n"
-    )
+        "are the symptom to look for.\n",
+    ]
 
-    add("## 4. Intensity and image quality\n")
-    add(f"![Intensity histograms]({figs['hists']})\n")
+
+def _md_quality(r: _ReportData) -> list[str]:
     rows = []
     for s in SPLITS:
-        for c in range(n_cls):
-            sel = dec[s].labels == c
+        for c in range(len(r.names)):
+            sel = r.dec[s].labels == c
             if not sel.any():
                 continue
-            st = stats[s]
-            rows.append([s, names[c]] + [
+            st = r.stats[s]
+            rows.append([s, r.names[c]] + [
                 _median_iqr(st["mean"][sel], ".0f"), _median_iqr(st["std"][sel], ".0f"),
                 _median_iqr(st["black"][sel], ".2f"), _median_iqr(st["sharpness"][sel], ".0f"),
                 _median_iqr(st["extent"][sel], ".2f"), _median_iqr(st["kilobytes"][sel], ".1f"),
             ])  # fmt: skip
-    add("Median (interquartile range) per class, on the decoded images:\n")
-    add(_table(["split", "class", "mean intensity", "contrast (std)", f"black fraction (≤ {BLACK_LEVEL})",
-                "sharpness (Laplacian var)", "head box / frame", "file kB"], rows) + "\n")  # fmt: skip
-    add(f"![Quality statistics]({figs['quality']})\n")
+    return [
+        "## 4. Intensity and image quality\n",
+        f"![Intensity histograms]({r.figs['hists']})\n",
+        "Median (interquartile range) per class, on the decoded images:\n",
+        _table(["split", "class", "mean intensity", "contrast (std)", f"black fraction (≤ {BLACK_LEVEL})",
+                "sharpness (Laplacian var)", "head box / frame", "file kB"], rows) + "\n",
+        f"![Quality statistics]({r.figs['quality']})\n",
+    ]  # fmt: skip
 
-    add("## 5. Duplicates\n")
-    add(
-        "Two kinds: **byte-identical** files (same sha256) and **near-identical** pictures, i.e. the same slice "
-        "re-encoded or re-scaled: the mean absolute difference (MAD) of their 32 × 32 thumbnails is below "
-        f"{dup.threshold:g} grey levels (`tumor_xai.duplicates.near_duplicate_pairs`). Neighbouring slices of one "
-        "patient are further apart than that and are *not* caught; the dataset has no patient IDs.\n"
-    )
+
+def _md_duplicate_totals(r: _ReportData) -> list[str]:
+    ex, near, te = r.summary["exact"], r.summary["near"], r.dec["Testing"]
     rows = [
         ["byte-identical groups within Training", ex["training_groups"]],
         ["redundant byte-identical copies within Training", ex["training_redundant"]],
@@ -715,15 +747,27 @@ def _markdown(ds, dec, files, counts, stats, dup: DuplicateCensus, figs, summary
         ["cross-class pairs (near-identical, different labels) within Training", len(near["cross_class_training"])],
         ["cross-class pairs Testing × Training", len(near["cross_class_across"])],
     ]  # fmt: skip
-    add(_table(["", "count"], rows) + "\n")
-    per_class = []
+    return [
+        "## 5. Duplicates\n",
+        "Two kinds: **byte-identical** files (same sha256) and **near-identical** pictures, i.e. the same slice "
+        "re-encoded or re-scaled: the mean absolute difference (MAD) of their 32 × 32 thumbnails is below "
+        f"{r.dup.threshold:g} grey levels (`tumor_xai.duplicates.near_duplicate_pairs`). Neighbouring slices of one "
+        "patient are further apart than that and are *not* caught; the dataset has no patient IDs.\n",
+        _table(["", "count"], rows) + "\n",
+    ]
+
+
+def _duplicates_per_class(r: _ReportData) -> list[list]:
+    """Per class: Training count, extra byte copies, near-dup group members, redundant, and the Testing view."""
+    dup, tr, te = r.dup, r.dec["Training"], r.dec["Testing"]
     exact_te = np.zeros(len(te.labels), bool)
     exact_te[[i for i, _ in dup.exact_across]] = True
     twin = np.zeros(len(te.labels), bool)
     twin[dup.test_with_twin] = True
     uniq, sizes = np.unique(dup.train_groups, return_counts=True)
     multi = set(uniq[sizes > 1].tolist())
-    for c in range(n_cls):
+    per_class = []
+    for c in range(len(r.names)):
         groups_c = dup.train_groups[tr.labels == c]
         in_multi = [g for g in groups_c if g in multi]
         exact_c = sum(
@@ -731,76 +775,88 @@ def _markdown(ds, dec, files, counts, stats, dup: DuplicateCensus, figs, summary
         )
         sel = te.labels == c
         per_class.append([
-            names[c], counts["Training"][c], max(exact_c, 0), len(in_multi), len(in_multi) - len(set(in_multi)),
-            counts["Testing"][c], int(exact_te[sel].sum()), int(twin[sel].sum()), int(sel.sum() - twin[sel].sum()),
+            r.names[c], r.counts["Training"][c], max(exact_c, 0), len(in_multi), len(in_multi) - len(set(in_multi)),
+            r.counts["Testing"][c], int(exact_te[sel].sum()), int(twin[sel].sum()), int(sel.sum() - twin[sel].sum()),
         ])  # fmt: skip
-    add("Per class (Testing counts by the Testing image's label):\n")
-    add(_table(["class", "Training", "byte-identical extra copies", "in a near-dup group", "redundant (near)",
-                "Testing", "Testing = Training file (bytes)", "Testing with Training twin", "duplicate-free Testing"],
-               per_class) + "\n")  # fmt: skip
-    add(f"![Nearest Training image for each Testing image]({figs['nearest']})\n")
+    return per_class
 
-    add("### Cross-class duplicates: the same picture with two labels\n")
+
+def _md_duplicates_per_class(r: _ReportData, per_class: list[list]) -> list[str]:
+    return [
+        "Per class (Testing counts by the Testing image's label):\n",
+        _table(["class", "Training", "byte-identical extra copies", "in a near-dup group", "redundant (near)",
+                "Testing", "Testing = Training file (bytes)", "Testing with Training twin", "duplicate-free Testing"],
+               per_class) + "\n",
+        f"![Nearest Training image for each Testing image]({r.figs['nearest']})\n",
+    ]  # fmt: skip
+
+
+def _cross_class(r: _ReportData) -> list[tuple]:
+    near = r.summary["near"]
     cross = [("Training", a, "Training", b, d) for a, b, d in near["cross_class_training"]]
-    cross += [("Testing", a, "Training", b, d) for a, b, d in near["cross_class_across"]]
+    return cross + [("Testing", a, "Training", b, d) for a, b, d in near["cross_class_across"]]
+
+
+def _md_cross_class(r: _ReportData, cross: list[tuple]) -> list[str]:
+    ex = r.summary["exact"]
+    md = ["### Cross-class duplicates: the same picture with two labels\n"]
     if cross:
-        add("These are label conflicts; at most one of each pair can be right.\n")
-        add(_table(["image A", "image B", "MAD"], [[f"`{a}`", f"`{b}`", f"{d:.2f}"] for _, a, _, b, d in cross]) + "\n")
+        md.append("These are label conflicts; at most one of each pair can be right.\n")
+        md.append(
+            _table(["image A", "image B", "MAD"], [[f"`{a}`", f"`{b}`", f"{d:.2f}"] for _, a, _, b, d in cross]) + "\n"
+        )
     else:
-        add("None: no near-identical pair carries two different labels.\n")
-    closest = summary["near"]["closest_cross_class_across"]
+        md.append("None: no near-identical pair carries two different labels.\n")
+    closest = r.summary["near"]["closest_cross_class_across"]
     if closest:
-        add(
+        md.append(
             f"The closest Testing × Training pair with different labels is `{closest[0]}` and `{closest[1]}` at "
             f"MAD {closest[2]:.2f} (purple curve in the figure above).\n"
         )
     if ex["cross_class_training"] or ex["cross_class_across"]:
-        add(
-            "Byte-identical among them: "
-            + "; ".join(" = ".join(f"`{p}`" for p in g) for g in ex["cross_class_training"] + ex["cross_class_across"])
-            + "\n"
-        )  # noqa: E501
-
-    add("### Example pairs\n")
-    add(
+        groups = ex["cross_class_training"] + ex["cross_class_across"]
+        md.append("Byte-identical among them: " + "; ".join(" = ".join(f"`{p}`" for p in g) for g in groups) + "\n")
+    return md + [
+        "### Example pairs\n",
         "Duplicate pairs from across the range of MAD; the last row is the closest Testing × Training pair that is "
-        "*not* counted, for comparison: typically a neighbouring slice or another acquisition, not a copy.\n"
-    )
-    add(f"![Example duplicate pairs]({figs['pairs']})\n")
+        "*not* counted, for comparison: typically a neighbouring slice or another acquisition, not a copy.\n",
+        f"![Example duplicate pairs]({r.figs['pairs']})\n",
+    ]
 
-    add("## 6. What this means\n")
-    tw, nte = near["testing_with_training_twin"], len(te.labels)
+
+def _md_meaning(r: _ReportData, per_class: list[list], cross: list[tuple]) -> list[str]:
+    ex, near = r.summary["exact"], r.summary["near"]
+    tw, nte = near["testing_with_training_twin"], len(r.dec["Testing"].labels)
     twin_per_class = near["testing_with_training_twin_per_class"]
     worst = max(twin_per_class, key=twin_per_class.get)
-    worst_n = counts["Testing"][names.index(worst)]
-    redundant = {r[0]: r[4] for r in per_class}
+    worst_n = r.counts["Testing"][r.names.index(worst)]
+    redundant = {row[0]: row[4] for row in per_class}
     most = max(redundant, key=redundant.get)
-    add(
+    md = [
+        "## 6. What this means\n",
         f"- **Leakage across the split.** {tw} of {nte} Testing images ({tw / max(nte, 1):.0%}) are the same picture "
         f"as a Training image ({ex['testing_identical_to_training']} of them byte for byte); for {worst} it is "
         f"{twin_per_class[worst]} of {worst_n}. A model that memorises its training set gets those right for free, so "
         "accuracy on the official Testing split is optimistic. Report it only beside accuracy on the "
         f"duplicate-free subset ({near['duplicate_free_testing']} images; the removed files are listed in "
         "`summary.json`). Even that subset can hold neighbouring slices of a training patient, which no image "
-        "comparison can rule out without patient IDs.\n"
-    )
-    add(
+        "comparison can rule out without patient IDs.\n",
         f"- **Duplicates inside Training.** {near['training_redundant']} Training images are redundant copies, "
         f"{redundant[most]} of them in {most}: that class holds fewer distinct pictures than its count says, and "
         "its repeated pictures weigh more in training. A random validation split would leak them too; "
-        "`tumor_xai.data.split_train_val` keeps each near-duplicate group on one side.\n"
-    )
+        "`tumor_xai.data.split_train_val` keeps each near-duplicate group on one side.\n",
+    ]
     if cross:
-        add(
+        md.append(
             f"- **Label conflicts.** {len(cross)} near-identical pairs carry two labels: label noise in training, "
             "and a case no model can get right in testing.\n"
         )
     else:
-        add(
+        md.append(
             "- **Label conflicts.** No picture appears under two labels, so the duplicates inflate scores but do "
             "not contradict each other.\n"
         )
-    add(
+    md.append(
         "- **Framing and source differences.** The classes come from different collections (per the dataset's "
         "description: figshare for most glioma, meningioma and pituitary slices, SARTAJ, and Br35H for the "
         "no-tumour ones), and it shows: in the class mean images and their differences, the black-background "
@@ -811,7 +867,24 @@ def _markdown(ds, dec, files, counts, stats, dup: DuplicateCensus, figs, summary
         "differences but not framing, resolution or texture; the Grad-CAM heatmaps, checked against the expert "
         "tumour masks where they exist, are how to see whether the model looks at the tumour or at the frame.\n"
     )
-    return "\n".join(md)
+    return md
+
+
+def _markdown(r: _ReportData) -> str:
+    """The report's ``README.md``, built section by section."""
+    per_class, cross = _duplicates_per_class(r), _cross_class(r)
+    sections = [
+        _md_intro(r),
+        _md_counts(r),
+        _md_files(r),
+        _md_framing(r),
+        _md_quality(r),
+        _md_duplicate_totals(r),
+        _md_duplicates_per_class(r, per_class),
+        _md_cross_class(r, cross),
+        _md_meaning(r, per_class, cross),
+    ]
+    return "\n".join(line for section in sections for line in section)
 
 
 # --------------------------------------------------------------------------------------------- CLI
