@@ -31,11 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tumor_xai import attention
+from tumor_xai import attention, inference
 from tumor_xai.checkpoint import load_weights
 from tumor_xai.data import split_train_val
-from tumor_xai.model import features_and_logits
-from tumor_xai.preprocess import normalize_quantized, quantize
+from tumor_xai.preprocess import quantize
 from tumor_xai.stress import CORRUPTIONS, corrupt
 from tumor_xai.train import check_config, config_from_args, get_args_parser, load_training_data, train
 
@@ -65,18 +64,6 @@ def variant_args(name: str, masks: str) -> list[str]:
     return args
 
 
-@torch.no_grad()
-def _forward(model, squares: np.ndarray, pre, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Layer4 maps and logits of uint8 squares (N, S, S), float32, eval mode."""
-    maps, logits = [], []
-    for i in range(0, len(squares), batch_size):
-        x = normalize_quantized(torch.from_numpy(squares[i : i + batch_size]).unsqueeze(1), pre)
-        f, z = features_and_logits(model, x)
-        maps.append(f.float())
-        logits.append(z.float())
-    return torch.cat(maps), torch.cat(logits)
-
-
 def validation_scores(run: Path, data, cfg) -> dict:
     """What the recipe is chosen on: the run's own validation carve-out (never the Testing split).
 
@@ -88,19 +75,20 @@ def validation_scores(run: Path, data, cfg) -> dict:
     model, pre = weights.model.float().eval(), weights.preprocess
     _, val_idx = split_train_val(data.decoded.labels, data.decoded.thumbs, cfg.val_fraction, cfg.seed)
     squares, labels = data.decoded.images[val_idx], torch.from_numpy(data.decoded.labels[val_idx])
-    fmap, logits = _forward(model, squares, pre)
+    out = inference.forward(model, squares, pre, keep_maps=True)
+    fmap, logits = out.fmap, out.logits
     scores = {"val_acc": (logits.argmax(1) == labels).float().mean().item(), "val_n": len(val_idx)}
     stress = {}
     for name in CORRUPTIONS:
         bad = np.stack([quantize(corrupt(name, sq.astype(np.float32) / 255.0, seed=i)) for i, sq in enumerate(squares)])
-        stress[name] = (_forward(model, bad, pre)[1].argmax(1) == labels).float().mean().item()
+        stress[name] = (inference.forward(model, bad, pre).logits.argmax(1) == labels).float().mean().item()
     scores.update(val_stress=stress, val_stress_min=min(stress.values()))
     if data.masks is not None:
         notumor = data.class_names.index("notumor")
         sel = data.masks.has_mask[val_idx] & (data.decoded.labels[val_idx] != notumor)
         if sel.any():
             sel_t = torch.from_numpy(sel)
-            cam = attention.class_activation_map(fmap[sel_t], model.fc.weight, labels[sel_t])
+            cam = inference.class_activation_map(fmap[sel_t], model.fc.weight, labels[sel_t])
             masks = torch.from_numpy(data.masks.masks[val_idx][sel]).unsqueeze(1).float().div_(255.0)
             scores.update(
                 val_pointing=attention.pointing_hits(cam, masks).float().mean().item(),

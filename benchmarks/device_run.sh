@@ -25,6 +25,7 @@ EPOCHS=${EPOCHS:-100}
 IMAGE_SIZE=${IMAGE_SIZE:-224}
 BATCH_SIZE=${BATCH_SIZE:-128}
 ARCH=${ARCH:-resnet18}
+PART_SIZE=${PART_SIZE:-15M}  # the device returns files of at most 16 MiB
 DEVICE=${DEVICE:-cuda}
 BUDGET_MIN=${BUDGET_MIN:-7}
 EVAL_WORKERS=${EVAL_WORKERS:-8}
@@ -87,7 +88,7 @@ ship=$("$PYTHON" -c "import json,sys; print(json.load(open(sys.argv[1])).get('sh
 if [ -n "$ship" ] && [ -f "$ship/model.safetensors" ]; then
   tar -czf "$OUT/ship.tar.gz" -C "$ship" model.json config.json log.json validation.json \
     $(cd "$ship" && ls eval/metrics.json eval/report.md 2>/dev/null)
-  split -b 15M -d "$ship/model.safetensors" "$OUT/model.safetensors.part-"
+  split -b "$PART_SIZE" -d "$ship/model.safetensors" "$OUT/model.safetensors.part-"
   echo "ship: $ship"
 else
   echo "no run to ship (see ablation.log)" >&2

@@ -34,6 +34,8 @@ def test_device_script_trains_picks_by_validation_and_returns_loadable_weights(t
         "BATCH_SIZE": "8",
         "DEVICE": "cpu",
         "EVAL_WORKERS": "1",
+        "ARCH": "resnet_tiny",
+        "PART_SIZE": "40K",  # several parts, so the reassembly is exercised as the 22 MB ResNet18 needs
         "PYTHON": sys.executable,
         "OMP_NUM_THREADS": "2",
     }
@@ -42,6 +44,7 @@ def test_device_script_trains_picks_by_validation_and_returns_loadable_weights(t
 
     # What comes back fits the device tool's limits: at most 8 files of at most 16 MiB.
     files = sorted(p for p in out.iterdir())
+    assert len([p for p in files if ".part-" in p.name]) >= 2
     assert len(files) <= 8 and all(p.is_file() and p.stat().st_size <= 16 * 2**20 for p in files), files
     summary = json.loads((out / "summary.json").read_text())
     best = summary["best_variant"]
