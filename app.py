@@ -1,10 +1,8 @@
-"""tumor-xai in a browser: a thin Gradio layer over :class:`tumor_xai.Predictor`.
+"""tumor-xai in a browser: the page and the API wired to one :class:`tumor_xai.Predictor` (errors as ``gr.Error``).
 
-The page and the API map input to one predictor loaded at start-up and its errors to ``gr.Error``;
-decoding, prediction, explanation and the text shown (:mod:`tumor_xai.report`) live in the package.
-``import app`` builds the interface (``app.demo``) without launching it; ``python app.py`` serves it.
-Gradio's own variables set the address (``GRADIO_SERVER_NAME``, ``GRADIO_SERVER_PORT``, ``GRADIO_SHARE``,
-as a Hugging Face Space sets them); the flags below override them. Research demo, not a diagnostic device.
+Requests, files and text live in :mod:`tumor_xai.serve` and :mod:`tumor_xai.report`. ``import app`` builds
+``app.demo`` without launching it; ``python app.py`` serves it at Gradio's own ``GRADIO_SERVER_NAME``,
+``GRADIO_SERVER_PORT`` and ``GRADIO_SHARE`` (as a Space sets them) unless flags say otherwise.
 """
 
 from __future__ import annotations
@@ -41,6 +39,9 @@ logger = logging.getLogger("tumor_xai.app")
 REPO = Path(__file__).resolve().parent
 PREDICTED = "predicted"  # the target-class choice meaning "explain whatever the model predicted"
 FAST_METHODS = [m for m in xai.METHODS if m not in xai.SLOW_METHODS]
+# Unexpected errors reach the page as words, never a stack trace; no server-side rendering, no MCP server,
+# and no browser-side run history (uploaded slices stay out of the browser's storage).
+LAUNCH = {"show_error": False, "ssr_mode": False, "mcp_server": False, "run_history": False}
 
 
 # Our own settings: flag -> (environment variable, default, meaning). Address and share link are Gradio's.
@@ -139,7 +140,7 @@ def build_demo(predictor: Predictor, args: argparse.Namespace | None = None) -> 
             """One slice: its record (Prediction.to_dict) and the heatmap overlay (JPEG; None out of distribution)."""
             pred = request(file, method, target, alpha, allowed)
             overlay = serve.save_jpeg(pred.overlay) if pred.in_distribution else None
-            return pred.to_dict(), None if overlay is None else FileData(path=overlay)
+            return pred.to_dict(), overlay and FileData(path=overlay)
 
         return predict
 
@@ -179,40 +180,28 @@ def build_demo(predictor: Predictor, args: argparse.Namespace | None = None) -> 
                             sources=["upload", "clipboard"], height=280, elem_id="image-input",
                         )  # fmt: skip
                         file_in = gr.File(label="…or a DICOM file (or any image file)", elem_id="file-input")
-                        method = gr.Dropdown(
-                            methods, value=xai.DEFAULT_METHOD, label="Explanation method", elem_id="method"
-                        )
-                        target = gr.Dropdown(
-                            [PREDICTED, *classes], value=PREDICTED, label="Explain class", elem_id="target"
-                        )
-                        alpha = gr.Slider(
-                            0.0, 1.0, value=xai.DEFAULT_ALPHA, step=0.05, label="Heatmap opacity", elem_id="alpha"
-                        )
+                        method = gr.Dropdown(methods, value=xai.DEFAULT_METHOD, label="Method", elem_id="method")
+                        target = gr.Dropdown([PREDICTED, *classes], value=PREDICTED, label="Explain", elem_id="target")
+                        alpha = gr.Slider(0, 1, value=xai.DEFAULT_ALPHA, step=0.05, label="Opacity", elem_id="alpha")
                     with gr.Column(scale=2):
                         label_out = gr.Label(num_top_classes=len(classes), label="Class probabilities", elem_id="label")
                         summary_out = gr.Markdown(elem_id="summary")
                         with gr.Row():
                             images = {"interactive": False, "buttons": ["download", "fullscreen"], "format": "jpeg"}
-                            original_out = gr.Image(
-                                label="Original (as the model read it)", elem_id="original", **images
-                            )
+                            original_out = gr.Image(label="As the model read it", elem_id="original", **images)
                             overlay_out = gr.Image(label="Heatmap overlay", elem_id="overlay", **images)
                         with gr.Accordion("Details (as the API returns them)", open=False):
                             details_out = gr.JSON(label="Details", elem_id="details")
                         gr.Markdown(report.DISCLAIMER)
                 examples = sorted((REPO / "assets" / "examples").glob("*.jpg"))
-                gr.Examples(
-                    [str(p) for p in examples], image_in, label="Examples: real test slices", cache_examples=False
-                )
+                gr.Examples([str(p) for p in examples], image_in, label="Real test slices", cache_examples=False)
             page = [label_out, summary_out, original_out, overlay_out, details_out]
             controls = [method, target, alpha]
             listen = {"api_visibility": "private", "trigger_mode": "always_last", "show_progress": "minimal"}
             slow = {**listen, "concurrency_id": "explain", "concurrency_limit": 1}
-            # .change fires on upload, paste, example click and clear alike; the controls re-render the slice on screen.
-            for trigger, first in [(image_in.change, image_in), (file_in.change, file_in)] + [
-                (c.change, source) for c in controls
-            ]:
-                trigger(analyze, [first, *controls], [*page, source], concurrency_id="predict", **listen).then(
+            # .change fires on upload, paste, example click and clear alike; controls re-render the slice on screen.
+            for changed, first in [(image_in, image_in), (file_in, file_in)] + [(c, source) for c in controls]:
+                changed.change(analyze, [first, *controls], [*page, source], concurrency_id="predict", **listen).then(
                     explain_slow, [source, *controls], page, **slow
                 )
 
@@ -264,15 +253,9 @@ def main(argv: list[str] | None = None) -> None:
     sweeper = serve.CacheSweeper(CACHE, args.cache_frequency, args.cache_age)
     sweeper.start()
     try:
-        build_demo(predictor, args).launch(
-            server_name=args.host,
-            server_port=args.port,
-            share=args.share,
-            max_file_size=args.max_file_size,
-            show_error=False,  # unexpected errors reach the page as words, never as a stack trace
-            ssr_mode=False,
-            mcp_server=False,
-            run_history=False,  # keep uploaded slices out of the browser's storage
+        demo = build_demo(predictor, args)
+        demo.launch(
+            server_name=args.host, server_port=args.port, share=args.share, max_file_size=args.max_file_size, **LAUNCH
         )
     finally:
         sweeper.stop()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import importlib
 import os
+import platform
 import shutil
 import signal
 import socket
@@ -185,7 +186,9 @@ def test_start_up_prints_no_warning(server):
     _, cache = server
     log = next(cache.parent.glob("app-*.log")).read_text()
     assert "Running on local URL" in log
-    assert "warn" not in log.lower(), log
+    # The package may log about the weights it was given; Gradio and Python must have nothing to warn about.
+    others = [line for line in log.splitlines() if not line.startswith("WARNING tumor_xai.")]
+    assert not [line for line in others if "warn" in line.lower()], log
 
 
 @pytest.mark.slow
