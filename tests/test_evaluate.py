@@ -220,7 +220,17 @@ def test_cli_writes_every_file(tiny_dataset, tiny_weights, tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "Duplicate-free subset" in report and "rotate_+10" in report and "gradcam++" in report
     # --record stored the figures in the weights' metadata, and the weights still load.
-    assert load_weights(tiny_weights).metadata["metrics"]["official"]["accuracy"] == m["official"]["accuracy"]
+    recorded = load_weights(tiny_weights).metadata["metrics"]
+    assert recorded["official"]["accuracy"] == m["official"]["accuracy"]
+    assert recorded["official"]["recall"] == {k: v["recall"] for k, v in m["official"]["per_class"].items()}
+    assert recorded["stress"] == {k: v["accuracy"] for k, v in m["stress"].items()}
+    assert recorded["localization"]["results"][0] == {
+        "method": "gradcam",
+        "layer": "layer4",
+        **{k: loc["results"][0]["true"][k] for k in ("pointing", "mass_in_mask")},
+    }
+    assert recorded["evaluated_with"].startswith("python -m tumor_xai.evaluate --data ")
+    assert "--localization" in recorded["evaluated_with"] and "--record" in recorded["evaluated_with"]
     assert "accuracy" in capsys.readouterr().out
 
 

@@ -102,6 +102,23 @@ class EvaluateConfig:
     record: bool = False
     device: str = "cpu"
 
+    def command(self) -> str:
+        """The command line that runs this evaluation (what the model card quotes beside its figures)."""
+        words = ["python -m tumor_xai.evaluate", f"--data {self.data}", f"--out {self.out}"]
+        if self.weights is not None:
+            words.append(f"--weights {self.weights}")
+        if self.localization:
+            words.append("--localization" + (f" --masks {self.masks}" if self.masks else ""))
+            if self.methods:
+                words.append("--methods " + ",".join(self.methods))
+            if tuple(self.layers) != DEFAULT_LAYERS:
+                words.append("--layers " + ",".join(self.layers))
+        if not self.stress:
+            words.append("--no-stress")
+        if self.record:
+            words.append("--record")
+        return " ".join(words)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
@@ -635,12 +652,33 @@ def evaluate(config: EvaluateConfig) -> dict:
     metrics["seconds"] = round(time.perf_counter() - started, 1)
     _write_files(out, metrics, probs, test.labels)
     if config.record:
-        recorded = dict(weights.metadata.get("metrics") or {})
-        official, dedup = metrics["official"], metrics["deduplicated"]
-        recorded.update(official=_summary(official), deduplicated={**_summary(dedup), "removed": dedup["removed"]})
-        update_metadata(weights.path, metrics=recorded)
-        logger.info("recorded the official and duplicate-free figures in %s", weights.path / "model.json")
+        recorded = _record(weights.metadata.get("metrics") or {}, metrics)
+        update_metadata(weights.path, metrics={**recorded, "evaluated_with": config.command()})
+        logger.info("recorded the evaluation's headline figures in %s", weights.path / "model.json")
     return metrics
+
+
+def _record(recorded: dict, metrics: dict) -> dict:
+    """The weights' ``metrics`` with this evaluation's headline figures: what the model card is built from."""
+    official, dedup = metrics["official"], metrics["deduplicated"]
+    recorded = {k: v for k, v in recorded.items() if k not in ("stress", "localization")}  # never stale
+    recorded.update(
+        official={**_summary(official), "recall": {k: v["recall"] for k, v in official["per_class"].items()}},
+        deduplicated={**_summary(dedup), "removed": dedup["removed"]},
+    )
+    if "stress" in metrics:
+        recorded["stress"] = {name: s["accuracy"] for name, s in metrics["stress"].items()}
+    if "localization" in metrics:
+        loc = metrics["localization"]
+        recorded["localization"] = {
+            "n": loc["n_images"],
+            "uniform": loc["baseline"],
+            "results": [
+                {"method": r["method"], "layer": r["layer"], **{k: r["true"][k] for k in ("pointing", "mass_in_mask")}}
+                for r in loc["results"]
+            ],
+        }
+    return recorded
 
 
 def _csv(value: str) -> tuple[str, ...]:
