@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CLASSES, make_weights, synthetic_slice
+from conftest import CLASSES, EXAMPLES, REPO, make_weights, synthetic_slice
 from PIL import Image
 
 from tumor_xai import ood
-from tumor_xai.checkpoint import save_weights
+from tumor_xai.checkpoint import LoadedWeights
 from tumor_xai.decode import InvalidImageError, load_image
-from tumor_xai.model import build_model, features_and_logits
+from tumor_xai.model import TinyResNet, features_and_logits
 from tumor_xai.predictor import Predictor
 from tumor_xai.preprocess import PreprocessConfig, fit_square, normalize, prepare
 
@@ -160,18 +160,19 @@ def _square_image(
 
 @pytest.fixture(scope="module")
 def square_predictor(tmp_path_factory) -> Predictor:
-    """A ResNet18 at 96 px trained for a few seconds to tell 'a bright square somewhere' from 'none'."""
+    """A tiny ResNet at 96 px trained for a few seconds to tell 'a bright square somewhere' from 'none'."""
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     # No per-image stretch here: with it, the square's presence changes the whole image's contrast
     # and the model need not look at the square at all. This test is about geometry.
     cfg = PreprocessConfig(input_size=SQUARE_INPUT, intensity="none")
-    model = build_model("resnet18", len(SQUARE_CLASSES))
+    model = TinyResNet(widths=(16, 32, 64, 128), num_classes=len(SQUARE_CLASSES))
+    model.conv1 = torch.nn.Conv2d(1, 16, kernel_size=7, stride=2, padding=3, bias=False)
     opt = torch.optim.Adam(model.parameters(), 2e-3)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small convolutions: one thread is faster than two contended ones
     try:
-        for step in range(40):
+        for step in range(80):
             labels = rng.integers(0, 2, 32)
             shapes = [(64, 64) if step % 2 else ((64, 96) if rng.random() < 0.5 else (96, 64)) for _ in labels]
             quadrants = [int(rng.integers(0, 4)) if lab else None for lab in labels]
@@ -187,11 +188,8 @@ def square_predictor(tmp_path_factory) -> Predictor:
             opt.step()
     finally:
         torch.set_num_threads(threads)
-    folder = tmp_path_factory.mktemp("square-weights")
-    save_weights(
-        model.eval(), folder, {"arch": "resnet18", "class_names": SQUARE_CLASSES, "preprocessing": cfg.to_dict()}
-    )
-    return Predictor.from_pretrained(folder)
+    meta = {"arch": "resnet_tiny", "class_names": SQUARE_CLASSES, "preprocessing": cfg.to_dict()}
+    return Predictor(LoadedWeights(model.eval(), meta, {}, tmp_path_factory.mktemp("square-weights")))
 
 
 @pytest.mark.parametrize("h, w", [(64, 64), (128, 128), (64, 96), (96, 64), (100, 60)])
@@ -212,3 +210,29 @@ def test_heatmap_peak_sits_on_the_square_wherever_it_is(square_predictor, h, w):
         # The peak, taken back to the padded canvas, falls in the square's quadrant.
         peak_quadrant = 2 * int(py + top >= canvas / 2) + int(px + left >= canvas / 2)
         assert peak_quadrant == quadrant, f"square at {(y, x, side)} in {h}x{w}, peak at {(py, px)}"
+
+
+# --------------------------------------------------------------------------- the shipped weights
+
+SHIPPED_EXAMPLES = sorted(EXAMPLES.glob("*.jpg"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (REPO / "weights" / "model.json").is_file(), reason="no shipped weights in weights/")
+def test_shipped_weights_classify_the_examples_alike_on_every_path():
+    """Each committed example: its own class, probabilities summing to 1, the same numbers as the evaluation path."""
+    from tumor_xai.data import Sample, decode_samples
+    from tumor_xai.evaluate import predict_probabilities
+
+    predictor = Predictor.from_pretrained()
+    names = predictor.class_names
+    squares = decode_samples([Sample(p, 0) for p in SHIPPED_EXAMPLES], predictor.preprocess.input_size).images
+    batched = predict_probabilities(predictor.weights, squares, batch_size=5)
+    assert len(SHIPPED_EXAMPLES) >= 8 and {p.stem.rsplit("_", 1)[0] for p in SHIPPED_EXAMPLES} == set(names)
+    for path, row in zip(SHIPPED_EXAMPLES, batched, strict=True):
+        p = predictor.predict(path, explain=True)
+        probs = np.array([p.probabilities[c] for c in names])
+        assert p.label == path.stem.rsplit("_", 1)[0] == names[int(row.argmax())]
+        assert probs.sum() == pytest.approx(1.0, abs=1e-6)
+        np.testing.assert_allclose(probs, row, atol=1e-6)
+        assert p.heatmap.shape == p.image.gray.shape and 0.0 <= p.heatmap.min() <= p.heatmap.max() <= 1.0
