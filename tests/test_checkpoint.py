@@ -14,12 +14,12 @@ from tumor_xai.model import build_model
 
 def test_round_trip_gives_identical_outputs(tmp_path):
     torch.manual_seed(0)
-    model = build_model("resnet18", 4).eval()
+    model = build_model("resnet_tiny", 4).eval()
     x = torch.randn(2, 1, 64, 64)
     save_weights(
         model,
         tmp_path,
-        {"arch": "resnet18", "class_names": list("abcd"), "preprocessing": {"input_size": 64}},
+        {"arch": "resnet_tiny", "class_names": list("abcd"), "preprocessing": {"input_size": 64}},
         extras={"ood.mean": torch.ones(3)},
     )
     loaded = load_weights(tmp_path)
@@ -33,12 +33,12 @@ def test_round_trip_gives_identical_outputs(tmp_path):
 
 def test_half_storage_is_upcast_and_close(tmp_path):
     torch.manual_seed(0)
-    model = build_model("resnet18", 4).eval()
+    model = build_model("resnet_tiny", 4).eval()
     precision = torch.full((3, 3), 1e6)  # beyond float16's range
     save_weights(
         model,
         tmp_path,
-        {"arch": "resnet18", "class_names": list("abcd"), "preprocessing": {}},
+        {"arch": "resnet_tiny", "class_names": list("abcd"), "preprocessing": {}},
         extras={"ood.precision": precision},
         half=True,
     )

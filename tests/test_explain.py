@@ -15,7 +15,7 @@ from tumor_xai.model import build_model
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    m = build_model("resnet18", 4).eval()
+    m = build_model("resnet_tiny", 4).eval()  # one block per stage, 4-32 channels
     # Give BN non-trivial statistics so the maps are not near-uniform.
     with torch.no_grad():
         for mod in m.modules():
@@ -43,15 +43,15 @@ def test_fast_gradcam_equals_library_gradcam(model, batch):
 
 def test_fast_path_only_for_gradcam_on_the_last_block(model):
     assert xai.is_fast_path(model, "gradcam", "layer4")
-    assert xai.is_fast_path(model, "gradcam", "layer4.1")  # resnet18's last block, by index
-    assert not xai.is_fast_path(model, "gradcam", "layer4.0")
+    assert xai.is_fast_path(model, "gradcam", "layer4.0")  # the last (only) block, by index
+    assert not xai.is_fast_path(model, "gradcam", "layer3")
     assert not xai.is_fast_path(model, "gradcam++", "layer4")
 
 
 @pytest.mark.parametrize("method", list(xai.METHODS))
 def test_every_method_gives_clean_maps(model, batch, method):
     x, targets = batch
-    # layer3 (256 channels, a 4 x 4 map here) keeps ScoreCAM, one forward per channel, cheap.
+    # layer3 (16 channels, a 4 x 4 map here) keeps ScoreCAM, one forward per channel, cheap.
     maps = xai.explain_batch(model, x[:1], targets[:1], method=method, layer="layer3")
     assert maps.shape == (1, 64, 64) and maps.dtype == np.float32
     assert np.isfinite(maps).all()
@@ -78,7 +78,7 @@ def test_unknown_names_list_the_valid_ones(model, batch):
     x, targets = batch
     with pytest.raises(ValueError, match="choose one of gradcam, gradcam\\+\\+"):
         xai.explain_batch(model, x, targets, method="gradcam2")
-    with pytest.raises(ValueError, match="unknown target layer 'fc'.*layer4.1"):
+    with pytest.raises(ValueError, match="unknown target layer 'fc'.*layer4.0"):
         xai.resolve_layer(model, "fc")
     with pytest.raises(ValueError, match="unknown colormap 'rainbowz'.*jet"):
         xai.check_colormap("rainbowz")

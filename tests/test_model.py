@@ -10,7 +10,15 @@ from tumor_xai.model import build_model, check_input_size, features_and_logits
 from tumor_xai.preprocess import PreprocessConfig, fit_square, prepare
 
 
-@pytest.mark.parametrize("arch,channels", [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048)])
+@pytest.mark.parametrize(
+    "arch,channels",
+    [
+        ("resnet_tiny", 32),
+        ("resnet18", 512),
+        pytest.param("resnet34", 512, marks=pytest.mark.slow),
+        pytest.param("resnet50", 2048, marks=pytest.mark.slow),
+    ],
+)
 def test_output_shapes(arch, channels):
     model = build_model(arch, 4).eval()
     x = torch.randn(2, 1, 64, 64)
