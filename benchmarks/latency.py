@@ -3,7 +3,7 @@
     python benchmarks/latency.py [--weights DIR] [--threads 2] [--repeats 30] [--methods gradcam,gradcam++]
 
 Times, per input (a decoded 224 x 224 slice and a 512 x 512 JPEG file): the bare model forward on the
-prepared tensor, ``predict(explain=False)`` and ``predict(explain=True)`` for each method. Prints p50
+prepared tensor, the inference core on the uint8 square (:func:`tumor_xai.inference.forward`), ``predict(explain=False)`` and ``predict(explain=True)`` for each method. Prints p50
 and p95 in milliseconds and the ratio the bar is about: default-method ``predict(explain=True)`` p50
 over the bare forward p50 (bar <= 2.0, target 1.0-1.3).
 """
@@ -21,10 +21,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tumor_xai import inference
 from tumor_xai.decode import load_image
 from tumor_xai.explain import DEFAULT_METHOD, METHODS
 from tumor_xai.predictor import Predictor
-from tumor_xai.preprocess import prepare
+from tumor_xai.preprocess import fit_square, quantize
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -80,15 +81,19 @@ def main(argv: list[str] | None = None) -> int:
         jpeg_bytes = jpeg.read_bytes()
         inputs = {"decoded 224x224": decoded224, "512x512 JPEG file": jpeg}
 
-        x, _ = prepare(decoded224.gray, predictor.preprocess)
-        if args.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        squares = quantize(fit_square(decoded224.gray, size)[0])[None]
+        x = inference.to_input(squares, predictor.preprocess, channels_last=args.channels_last)
 
         def bare():
             with torch.inference_mode():
                 predictor.model(x)
 
-        cases = {"bare forward (prepared tensor)": bare}
+        cases = {
+            "bare forward (prepared tensor)": bare,
+            "inference.forward (uint8 square)": lambda: inference.forward(
+                predictor.model, squares, predictor.preprocess
+            ),
+        }
         for name, src in inputs.items():
             cases[f"{name}: predict(explain=False)"] = lambda src=src: predictor.predict(src)
             for m in methods:

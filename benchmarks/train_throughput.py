@@ -1,5 +1,5 @@
-"""Training throughput (images/s) of the real training step: on-device augmentation, bf16 autocast,
-channels-last, SGD; on whatever device is available.
+"""Training throughput (images/s) of the real training step (:func:`tumor_xai.train.train_one_epoch`:
+on-device augmentation, bf16 autocast, channels-last, SGD) on whatever device is available.
 
     python benchmarks/train_throughput.py [--device auto] [--image-size 224] [--batch-size 128] [--steps 20]
     python benchmarks/train_throughput.py --data DIR --epochs 100   # time full epochs over the real Training set
@@ -10,16 +10,33 @@ Without --data it uses random uint8 images (throughput does not depend on pixel 
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import torch
-import torch.nn.functional as F
 
-from tumor_xai.augment import AugmentConfig, augment
 from tumor_xai.model import build_model
-from tumor_xai.preprocess import PreprocessConfig, normalize
-from tumor_xai.train import resolve_device
+from tumor_xai.preprocess import PreprocessConfig
+from tumor_xai.train import (
+    RunContext,
+    Split,
+    TrainConfig,
+    build_optimizer,
+    resolve_device,
+    train_one_epoch,
+    wrap_for_training,
+)
+
+
+def load_split(args: argparse.Namespace, device: torch.device) -> Split:
+    if args.data:
+        from tumor_xai.data import decode_samples, discover
+
+        ds = discover(args.data, splits=("Training",))
+        dec = decode_samples(ds.splits["Training"], args.image_size)
+        return Split(torch.from_numpy(dec.images).unsqueeze(1).to(device), torch.from_numpy(dec.labels).to(device))
+    n = args.batch_size * args.steps
+    images = torch.randint(0, 256, (n, 1, args.image_size, args.image_size), dtype=torch.uint8, device=device)
+    return Split(images, torch.randint(0, 4, (n,), device=device))
 
 
 def main() -> None:
@@ -39,61 +56,30 @@ def main() -> None:
     device = resolve_device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    pre = PreprocessConfig(input_size=args.image_size)
-    if args.data:
-        from tumor_xai.data import decode_samples, discover
-
-        ds = discover(args.data, splits=("Training",))
-        dec = decode_samples(ds.splits["Training"], args.image_size)
-        images = torch.from_numpy(dec.images).unsqueeze(1).to(device)
-        labels = torch.from_numpy(dec.labels).to(device)
-    else:
-        n = args.batch_size * 4
-        images = torch.randint(0, 256, (n, 1, args.image_size, args.image_size), dtype=torch.uint8, device=device)
-        labels = torch.randint(0, 4, (n,), device=device)
+    epochs = args.epochs if args.data else 1
+    cfg = TrainConfig(arch=args.arch, image_size=args.image_size, batch_size=args.batch_size, epochs=epochs)
+    pre = PreprocessConfig(input_size=cfg.image_size, intensity=cfg.intensity)
+    ctx = RunContext(cfg, pre, device, bf16=args.amp == "bf16")
+    data = load_split(args, device)
     model = build_model(args.arch, 4).to(device).to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    g = torch.Generator(device=device).manual_seed(0)
-    aug = AugmentConfig()
-    bf16 = args.amp == "bf16"
+    optimizer, scheduler = build_optimizer(ctx, model, len(data))
+    net = wrap_for_training(ctx, model)
+    warm = Split(data.images[: 3 * args.batch_size], data.labels[: 3 * args.batch_size])
+    train_one_epoch(ctx, net, optimizer, scheduler, warm, 0)  # warm-up (cudnn autotune, allocator)
 
-    def step(idx: torch.Tensor) -> None:
-        x = normalize(augment(images[idx], aug, g), pre).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), labels[idx], label_smoothing=0.1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    model.train()
-    for _ in range(3):  # warm-up (cudnn autotune, allocator)
-        step(torch.arange(args.batch_size, device=device) % len(images))
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     sync()
     t = time.perf_counter()
-    seen = 0
-    if args.data:
-        for _ in range(args.epochs):
-            perm = torch.randperm(len(images), device=device)
-            for i in range(math.ceil(len(images) / args.batch_size)):
-                idx = perm[i * args.batch_size : (i + 1) * args.batch_size]
-                step(idx)
-                seen += len(idx)
-    else:
-        for i in range(args.steps):
-            step(torch.arange(i * args.batch_size, (i + 1) * args.batch_size, device=device) % len(images))
-            seen += args.batch_size
+    for epoch in range(epochs):
+        train_one_epoch(ctx, net, optimizer, scheduler, data, epoch)
     sync()
     dt = time.perf_counter() - t
+    seen = epochs * len(data)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     print(f"device: {name}  arch {args.arch}  {args.image_size}px  batch {args.batch_size}  amp {args.amp}")
     print(f"train throughput: {seen / dt:.1f} images/s ({seen} images in {dt:.1f}s)")
     if args.data:
-        per_epoch = dt / args.epochs
+        per_epoch = dt / epochs
         print(f"epoch time: {per_epoch:.2f}s -> 100 epochs ~ {100 * per_epoch:.0f}s")
 
 
