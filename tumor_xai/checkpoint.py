@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 import os
 import tempfile
@@ -41,7 +40,6 @@ __all__ = [
     "update_metadata",
 ]
 
-logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"

@@ -21,7 +21,6 @@ them a private copy of the model so its hook-free forwards never meet a hook.
 from __future__ import annotations
 
 import copy
-import logging
 import threading
 import time
 import weakref
@@ -55,7 +54,6 @@ __all__ = [
     "scorecam",
 ]
 
-logger = logging.getLogger(__name__)
 
 # Method name -> pytorch-grad-cam class name. The library is imported on first use: it pulls in
 # scikit-learn and more, seconds of start-up that the default (hook-free) Grad-CAM never needs.

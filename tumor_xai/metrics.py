@@ -7,8 +7,6 @@ decision and for the stored screening threshold.
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
@@ -24,7 +22,6 @@ __all__ = [
     "sensitivity_specificity",
 ]
 
-logger = logging.getLogger(__name__)
 
 ECE_BINS = 15
 
