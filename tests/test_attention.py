@@ -212,6 +212,7 @@ def _train_tiny(cam_weight: float, steps: int = 120) -> dict:
         }
 
 
+@pytest.mark.slow
 def test_cam_loss_moves_the_map_from_the_shortcut_to_the_lesion():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny convolutions: threads only add overhead (and contention on a busy machine)

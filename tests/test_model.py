@@ -14,7 +14,7 @@ from tumor_xai.preprocess import PreprocessConfig, fit_square, prepare
     "arch,channels",
     [
         ("resnet_tiny", 32),
-        ("resnet18", 512),
+        pytest.param("resnet18", 512, marks=pytest.mark.slow),
         pytest.param("resnet34", 512, marks=pytest.mark.slow),
         pytest.param("resnet50", 2048, marks=pytest.mark.slow),
     ],
