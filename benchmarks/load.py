@@ -120,6 +120,20 @@ def reference_rate(
     return max(rates.values()), rates, cpu_per_call
 
 
+def reference_cpu(predictor, images: list[Path]) -> float:
+    """CPU seconds of one in-process ``predict(explain=True)`` with one torch thread, over ``images`` once."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cpu0 = time.process_time()
+    for image in images:
+        predictor.predict(image, explain=True)
+    cpu = (time.process_time() - cpu0) / len(images)
+    torch.set_num_threads(before)
+    return cpu
+
+
 def large_images(folder: Path, source: Path, size: int = 6000) -> list[Path]:
     """A ``size`` px JPEG and a ``size`` px RGBA PNG made from ``source``: what people upload by mistake."""
     from PIL import Image
@@ -137,7 +151,7 @@ def load_average() -> str:
 
 
 def start_server(args: argparse.Namespace, port: int, cache_dir: str) -> subprocess.Popen:
-    cmd = [sys.executable, str(REPO / "app.py"), "--port", str(port), "--host", "127.0.0.1"]
+    cmd = [sys.executable, str(args.app), "--port", str(port), "--host", "127.0.0.1"]
     if args.weights:
         cmd += ["--weights", args.weights]
     if args.concurrency:
@@ -268,12 +282,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", default=None, help="weights folder (default: the repository's weights/)")
     p.add_argument("--users", type=int, default=16)
     p.add_argument("--requests", type=int, default=20, help="requests per user")
+    p.add_argument("--rounds", type=int, default=4, help="load rounds, with the in-process reference timed between")
     p.add_argument("--concurrency", type=int, default=None, help="passed to app.py --concurrency (default: the app's)")
     p.add_argument("--reference-calls", type=int, default=40, help="in-process predict calls for the reference rate")
     p.add_argument("--start-limit", type=float, default=120.0, help="seconds to wait for the server's first answer")
     p.add_argument("--large", type=int, default=2, help="6000 px images in the mix (0, 1: a JPEG, 2: + an RGBA PNG)")
     p.add_argument("--scorecam", type=int, default=2, help="ScoreCAM clients during the Grad-CAM p95 check (0: skip)")
     p.add_argument("--slow-checks", type=int, default=20, help="Grad-CAM requests per p95 in that check")
+    p.add_argument(
+        "--app", type=Path, default=REPO / "app.py", help="the app to serve (e.g. an older app.py to compare)"
+    )
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = p.parse_args(argv)
 
@@ -292,13 +310,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         figures = serve_and_load(args, images, examples[0], work)
     lat, res = figures.pop("latencies"), figures.pop("result")
-    total = args.users * args.requests
+    total = figures["requests"]
     figures.update(
         reference_per_s=ref,
         reference_by_threads=by_threads,
-        reference_cpu_ms=1000 * ref_cpu,
         throughput_ratio=figures["throughput_per_s"] / ref,
-        server_cpu_ratio=figures["server_cpu_ms_per_request"] / (1000 * ref_cpu),
+        server_cpu_ratio=figures["server_cpu_ms_per_request"] / figures["reference_cpu_ms"],
         cpus=len(os.sched_getaffinity(0)),
         load_average_after=load_average(),
     )
@@ -309,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         f"throughput {figures['throughput_per_s']:.2f} images/s = {figures['throughput_ratio']:.0%} of the in-process rate\n"
         f"server RSS after the run {figures['rss_mb']:.0f} MB (peak {figures['peak_rss_mb']:.0f} MB)\n"
         f"CPU per request: server {figures['server_cpu_ms_per_request']:.0f} ms = {figures['server_cpu_ratio']:.2f} x "
-        f"the in-process call ({figures['reference_cpu_ms']:.0f} ms CPU); these gradio_client users "
+        f"the in-process call ({figures['reference_cpu_ms']:.0f} ms CPU, mean of {len(figures['reference_cpu_ms_rounds'])} "
+        f"timings around the {args.rounds} load rounds); per round {figures['server_cpu_ratio_rounds']}; gradio_client users "
         f"{figures['client_cpu_ms_per_request']:.0f} ms\n"
         f"load average after the run {figures['load_average_after']}"
     )
@@ -356,9 +374,25 @@ def serve_and_load(args: argparse.Namespace, images: list[Path], probe: Path, wo
     try:
         cold = wait_first_answer(url, proc, probe, t_start, args.start_limit)
         print(f"cold start (process start -> first answer): {cold:.1f} s", flush=True)
-        server_cpu0, client_cpu0 = cpu_seconds(proc.pid), time.process_time()
-        res = run_load(url, images, args.users, args.requests)
-        server_cpu, client_cpu = cpu_seconds(proc.pid) - server_cpu0, time.process_time() - client_cpu0
+        # Other processes on a shared machine inflate CPU time per call as much as the server's own work:
+        # the in-process reference is timed before each load round and after the last, and the ratio is
+        # taken against the mean, so a busy spell cannot fall on one side only.
+        from tumor_xai import Predictor
+
+        predictor = Predictor.from_pretrained(args.weights)
+        reference_cpu(predictor, images[:3])  # warm-up
+        refs, rounds, round_cpus = [reference_cpu(predictor, images)], [], []
+        server_cpu = client_cpu = 0.0
+        for _ in range(args.rounds):
+            server_cpu0, client_cpu0 = cpu_seconds(proc.pid), time.process_time()
+            rounds.append(run_load(url, images, args.users, max(1, args.requests // args.rounds)))
+            round_server = cpu_seconds(proc.pid) - server_cpu0
+            round_cpus.append(round_server)
+            server_cpu, client_cpu = server_cpu + round_server, client_cpu + time.process_time() - client_cpu0
+            refs.append(reference_cpu(predictor, images))
+            per_request = round_server / max(1, len(rounds[-1]["latencies"]))
+            print(f"round {len(rounds)}: server {1000 * per_request:.0f} ms CPU per request", flush=True)
+        res = {k: sum((r[k] for r in rounds), [] if k != "wall_s" else 0.0) for k in rounds[0]}
         mem = vm_status(proc.pid)
         slow = gradcam_p95_under_scorecam(url, probe, args.slow_checks, args.scorecam) if args.scorecam else None
     finally:
@@ -375,7 +409,7 @@ def serve_and_load(args: argparse.Namespace, images: list[Path], probe: Path, wo
         "log": log,
         "users": args.users,
         "requests_per_user": args.requests,
-        "requests": args.users * args.requests,
+        "requests": args.users * max(1, args.requests // args.rounds) * args.rounds,
         "large_images": len(images) - len(sorted(EXAMPLES.glob("*.jpg"))),
         "answered": len(lat),
         "failed": len(res["failures"]),
@@ -389,6 +423,15 @@ def serve_and_load(args: argparse.Namespace, images: list[Path], probe: Path, wo
         "peak_rss_mb": mem.get("VmHWM", float("nan")),
         "cold_start_s": cold,
         "server_cpu_ms_per_request": 1000 * server_cpu / max(1, len(lat)),
+        "reference_cpu_ms": 1000 * statistics.mean(refs),
+        "reference_cpu_ms_rounds": [round(1000 * r, 1) for r in refs],
+        "server_cpu_ratio_rounds": [
+            round(
+                (cpu_round / max(1, len(r["latencies"]))) / ((refs[i] + refs[i + 1]) / 2),
+                2,
+            )
+            for i, (r, cpu_round) in enumerate(zip(rounds, round_cpus, strict=True))
+        ],
         "client_cpu_ms_per_request": 1000 * client_cpu / max(1, len(lat)),
     }
     if slow:
