@@ -1,4 +1,5 @@
-"""The OOD flag: cheap checks with readable reasons, the Mahalanobis fit, its storage and the refit CLI."""
+"""The OOD flag: DICOM header, cheap and head-shape checks with readable reasons, the Mahalanobis fit, its
+storage, the refit CLI, and the shipped detector on real non-brain medical images."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from tumor_xai import ood
 from tumor_xai.checkpoint import load_weights, save_weights
 from tumor_xai.decode import DecodedImage, load_image
 from tumor_xai.model import build_model
+from tumor_xai.preprocess import fit_square, quantize
 
 
 def decoded(gray: np.ndarray, colorfulness: float = 0.0) -> DecodedImage:
@@ -58,7 +60,7 @@ def test_fit_threshold_is_the_validation_percentile(covariance):
     assert set(extras) == {"ood.means", "ood.precision"} and all(k.startswith("ood.") for k in extras)
     assert extras["ood.means"].shape == ((2, 16) if covariance == "class" else (1, 16))
     json.dumps(meta)  # stored in model.json
-    assert meta["method"] == "mahalanobis" and meta["covariance"] == covariance
+    assert meta["method"] == ood.METHOD and meta["covariance"] == covariance and meta["shape"] is None
     detector = ood.OodDetector.from_weights(extras, {"ood": meta})
     d = detector.distance(val)
     assert float((d > meta["threshold"]).float().mean()) == pytest.approx(0.10, abs=0.011)
@@ -111,10 +113,12 @@ def test_refit_cli_writes_statistics_into_the_weights(tiny_dataset, tiny_weights
     assert "ood" not in before.metadata
     assert ood.main(["--data", str(tiny_dataset), "--weights", str(tiny_weights), "--batch-size", "16"]) == 0
     after = load_weights(tiny_weights)
-    assert after.metadata["ood"]["method"] == "mahalanobis"
-    assert after.metadata["ood"]["num_train"] + after.metadata["ood"]["num_val"] == 40
-    width = before.model.fc.in_features  # the pooled feature size of the fixture's architecture
-    assert after.extras["ood.precision"].shape == (width, width)
+    fitted = after.metadata["ood"]
+    assert fitted["method"] == ood.METHOD and fitted["num_train"] + fitted["num_val"] == 40
+    m = before.model  # channel spreads of the four stages, then the pooled last block
+    width = sum(getattr(m, f"layer{i}")[-1].conv2.out_channels for i in range(1, 5)) + m.fc.in_features
+    assert after.extras["ood.precision"].shape == (width, width) == (fitted["dimensions"],) * 2
+    assert set(fitted["shape"]["limits"]) == set(ood.SHAPE_STATS) and fitted["shape"]["n"] == 40
     assert after.metadata["calibration"] == before.metadata["calibration"]  # the rest is kept
     for k, v in before.model.state_dict().items():
         assert torch.equal(v, after.model.state_dict()[k])
@@ -127,3 +131,136 @@ def test_refit_cli_reports_a_class_mismatch(tiny_dataset, tmp_path, capsys):
     weights = make_weights(tmp_path / "w", class_names=["a", "b", "c", "d"])
     assert ood.main(["--data", str(tiny_dataset), "--weights", str(weights)]) == 2
     assert "differ from the weights" in capsys.readouterr().err
+
+
+def test_older_layer4_statistics_are_ignored_with_a_warning(caplog):
+    assert ood.OodDetector.from_weights({}, {"ood": {"method": "mahalanobis", "threshold": 1.0}}) is None
+    assert "refit them" in caplog.text
+    with pytest.raises(ValueError, match="unsupported OOD method"):
+        ood.OodDetector.from_weights({}, {"ood": {"method": "knn"}})
+
+
+@pytest.mark.parametrize(
+    "info, reason",
+    [
+        ({"Modality": "CT"}, "a CT image (Modality CT)"),
+        ({"Modality": "US"}, "an ultrasound image"),
+        ({"Modality": "MR", "BodyPartExamined": "ABDOMEN"}, "body part is ABDOMEN"),
+        ({"Modality": "MR", "BodyPartExamined": "HEAD"}, None),
+        ({"Modality": "MR", "BodyPartExamined": "other"}, None),  # free text we do not echo: no verdict
+        ({"Modality": "OT"}, None),  # a secondary capture says nothing about what was scanned
+        ({}, None),
+    ],
+)
+def test_header_check(info, reason):
+    got = ood.header_check(DecodedImage(np.zeros((8, 8), np.float32), "DICOM", 0.0, info))
+    assert got == reason if reason is None else reason in got
+
+
+def _disc(size: int, radius: float, rng: np.random.Generator) -> np.ndarray:
+    yy, xx = np.mgrid[:size, :size] - size / 2
+    head = np.hypot(yy, xx * 1.2) < radius * size
+    return np.where(head, np.clip(rng.normal(120, 35, (size, size)), 1, 255), 0).astype(np.uint8)
+
+
+def test_head_shape_tells_a_head_from_a_speck_a_scatter_and_a_drawing():
+    rng = np.random.default_rng(0)
+    head = ood.head_shape(_disc(224, 0.42, rng))
+    assert head["head_area"] > 0.4 and head["single_region"] > 0.99 and head["ellipse_fit"] > 0.95
+    assert head["texture"] > 5.0
+    assert ood.head_shape(_disc(224, 0.1, rng))["head_area"] < 0.05
+    scatter = np.zeros((224, 224), np.uint8)
+    for y, x in rng.integers(10, 200, (12, 2)):
+        scatter[y : y + 14, x : x + 14] = 200
+    assert ood.head_shape(scatter)["single_region"] < 0.3
+    drawing = np.where(_disc(224, 0.42, rng) > 0, 90, 0).astype(np.uint8)
+    drawing[80:120, 90:130] = 200
+    assert ood.head_shape(drawing)["texture"] < 2.0
+    limits = {k: 0.5 * v for k, v in head.items()}
+    assert ood.OodDetector(torch.zeros(1, 1), torch.eye(1), 1.0, limits).shape_reason(head) is None
+    assert "too few grey levels" in ood.OodDetector(torch.zeros(1, 1), torch.eye(1), 1.0, limits).shape_reason(
+        ood.head_shape(drawing)
+    )
+
+
+# --------------------------------------------------------------------------- real non-brain images
+
+
+def _testdata(name: str):
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name, download=False)
+    if path is None:
+        pytest.skip(f"{name} is not bundled with this pydicom version")
+    return path
+
+
+@pytest.mark.parametrize(
+    "name, reason",
+    [
+        ("CT_small.dcm", "Modality CT"),
+        ("examples_overlay.dcm", "body part is ABDOMEN"),
+        ("examples_ybr_color.dcm", "Modality US"),
+        ("JPEG2000.dcm", "Modality NM"),
+    ],
+)
+def test_real_non_brain_dicoms_are_flagged_by_their_header(name, reason):
+    assert reason in ood.header_check(load_image(_testdata(name)))
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from tumor_xai.predictor import Predictor
+
+    return Predictor.from_pretrained()
+
+
+def _pixels_only(name: str) -> np.ndarray:
+    """A bundled DICOM's middle frame as plain pixels (what an exported PNG holds): no header to go by."""
+    return load_image(_testdata(name)).gray
+
+
+def test_shipped_detector_flags_non_brain_pixels_and_passes_the_examples(shipped):
+    from conftest import EXAMPLES
+    from skimage.data import shepp_logan_phantom
+
+    others = {
+        "spine CT": _pixels_only("CT_small.dcm"),
+        "abdomen MR": _pixels_only("examples_overlay.dcm"),
+        "ultrasound": _pixels_only("examples_ybr_color.dcm"),
+        "Shepp-Logan phantom": shepp_logan_phantom().astype(np.float32),
+    }
+    for name, gray in others.items():
+        p = shipped.predict(gray)
+        assert not p.in_distribution, f"{name} passed as a brain MRI slice"
+    for path in sorted(EXAMPLES.glob("*.jpg")):
+        assert shipped.predict(path).in_distribution, path.name
+
+
+def test_check_runs_on_the_square_the_model_sees(shipped):
+    from conftest import EXAMPLES
+
+    image = load_image(EXAMPLES / "glioma_1.jpg")
+    square = quantize(fit_square(image.gray, shipped.preprocess.input_size)[0])
+    assert ood.check(image, square, shipped.model, shipped.preprocess, shipped.ood) is None
+    ct = DecodedImage(image.gray, "DICOM", 0.0, {"Modality": "CT"})
+    assert "Modality CT" in ood.check(ct, square, shipped.model, shipped.preprocess, shipped.ood)
+
+
+def test_fit_model_takes_training_tensors_and_check_falls_through_to_the_features(tiny_weights_dir):
+    from conftest import synthetic_slice
+
+    w = load_weights(tiny_weights_dir)
+    rng = np.random.default_rng(0)
+    squares = np.stack([synthetic_slice(i % 4, rng, 64) for i in range(40)])
+    as_trained = torch.from_numpy(squares)[:, None]  # (N, 1, S, S) uint8, as training holds them
+    extras, meta = ood.fit_model(
+        w.model, as_trained, torch.arange(40) % 4, np.arange(32), np.arange(32, 40), w.preprocess
+    )
+    assert meta["num_train"] == 32 and meta["num_val"] == 8 and meta["shape"]["n"] == 40
+    detector = ood.OodDetector.from_weights(extras, {"ood": meta})
+    head = squares[0]
+    assert detector.shape_reason(ood.head_shape(head)) is None
+    noise = rng.integers(0, 256, (64, 64), dtype=np.uint8)
+    detector.shape_limits = None  # noise is no head either; here the feature test must say so by itself
+    assert "feature distance" in ood.check(load_image(noise), noise, w.model, w.preprocess, detector)

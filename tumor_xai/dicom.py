@@ -54,7 +54,7 @@ from tumor_xai.decode import (
     _unreadable,
 )
 
-__all__ = ["BODY_PARTS", "HEAD_BODY_PARTS", "MODALITIES", "decode_dicom"]
+__all__ = ["BODY_PARTS", "MODALITIES", "decode_dicom"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,8 @@ MODALITIES = frozenset(
     " RTIMAGE RTDOSE RTPLAN RTSTRUCT RTRECORD REG".split()
 )
 _NON_IMAGE_MODALITIES = frozenset("SR PR KO DOC REG RTPLAN RTSTRUCT RTRECORD".split())
-# Body Part Examined defined terms (PS3.16 Annex L, a selection), compared without spaces.
+# Body Part Examined defined terms (PS3.16 Annex L, a selection), compared without spaces; which of
+# them fit a brain MRI is decided in ``tumor_xai.ood``.
 BODY_PARTS = frozenset(
     "HEAD BRAIN SKULL HEADNECK SELLA IAC NECK ORBIT EYE EAR FACE JAW TMJ SINUS NOSE CSPINE TSPINE LSPINE"
     " SSPINE COCCYX SPINE CHEST THORAX LUNG HEART AORTA BREAST RIB STERNUM ABDOMEN ABDOMENPELVIS CHESTABDOMEN"
@@ -111,7 +112,6 @@ BODY_PARTS = frozenset(
     " SHOULDER CLAVICLE SCAPULA ARM UPRARM ELBOW FOREARM WRIST HAND FINGER HIP LEG THIGH KNEE ANKLE FOOT TOE"
     " EXTREMITY UPREXM LOWREXM WHOLEBODY".split()
 )
-HEAD_BODY_PARTS = frozenset("HEAD BRAIN SKULL HEADNECK SELLA IAC".split())
 _PHOTOMETRIC = frozenset(
     "MONOCHROME1 MONOCHROME2 RGB YBR_FULL YBR_FULL_422 YBR_ICT YBR_RCT YBR_PARTIAL_420".split() + ["PALETTE COLOR"]
 )

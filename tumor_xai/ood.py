@@ -1,15 +1,30 @@
-"""Is this input a brain-MRI slice like the training data? Cheap pixel checks, then a Mahalanobis test.
+"""Is this input a brain-MRI slice like the training data? Four checks, each with a reason a person can read.
 
-1. Cheap checks on the decoded image, each with a reason a person can read: colour pictures,
-   blank or near-constant images, extreme aspect ratios, tiny images.
-2. Mahalanobis distance of the model's pooled penultimate features (global average pool of the last
-   block, the vector the fc layer sees) to the training distribution: class-conditional means with
-   one shared, Ledoit-Wolf-shrunk covariance (Lee et al., NeurIPS 2018), distance to the nearest
-   class. The threshold is a high percentile of the distances of held-out validation slices, so about
-   1 % of in-distribution slices are flagged by design. The statistics are fitted at training time
-   and stored beside the weights (``extras["ood.*"]``, ``metadata["ood"]``).
+1. **DICOM header** (:func:`header_check`): a Modality other than MR (CT, ultrasound, radiographs,
+   nuclear medicine, segmentations, dose maps ...) or a BodyPartExamined that names a part other
+   than the head. Secondary captures (OT, SC) and unknown codes say nothing and pass; the image
+   checks still run. Only the closed-set codes :mod:`tumor_xai.dicom` puts in ``info`` are read.
+2. **Cheap checks** (:func:`cheap_checks`): colour pictures, blank images, extreme aspect ratios,
+   tiny images.
+3. **Head shape** (:func:`head_shape`, model-free): on the square the model sees, the largest bright
+   connected region must look like a head on a dark background: large enough, one region rather than
+   many, an outline close to its fitted ellipse, and MRI-like texture inside (grey-level entropy;
+   phantoms and drawings have a handful of levels). Each limit is a low percentile of the Training
+   split's own values (0.1 % by default), so about 0.1 % of real slices fall under each.
+4. **Feature statistics** (:func:`feature_statistics`): the per-channel spread (spatial standard
+   deviation) of each ResNet stage's activation map plus the pooled last-block vector the classifier
+   sees, scored by the Mahalanobis distance to the nearest class mean under one shared,
+   Ledoit-Wolf-shrunk covariance (Lee et al., NeurIPS 2018; channel statistics of early layers as in
+   Sastry & Oore, ICML 2020). The pooled last block alone misses scans of other body parts and
+   phantoms: the classifier's last layer keeps only what separates the four tumour classes, and an
+   abdomen or a phantom lands near the no-tumour class; the early stages' texture statistics do not
+   collapse that way. The threshold is a high percentile (99.5) of the distances of the held-out
+   validation carve-out.
 
-``python -m tumor_xai.ood --data DIR --weights DIR`` refits the statistics for an existing weights folder.
+The statistics are fitted at training time (:func:`fit_model`) and stored beside the weights
+(``extras["ood.*"]``, ``metadata["ood"]``). ``python -m tumor_xai.ood --data DIR --weights DIR``
+refits them for an existing weights folder; ``benchmarks/ood.py`` measures the flag on the official
+Testing split and on a set of real non-brain medical images.
 """
 
 from __future__ import annotations
@@ -20,6 +35,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from torch import nn
@@ -29,15 +45,20 @@ from tumor_xai.decode import DecodedImage
 from tumor_xai.preprocess import PreprocessConfig
 
 __all__ = [
+    "HEAD_BODY_PARTS",
     "MAX_ASPECT_RATIO",
     "MAX_COLORFULNESS",
     "MIN_INTENSITY_RANGE",
     "MIN_SIDE",
     "OodDetector",
     "cheap_checks",
+    "check",
     "extract_features",
+    "feature_statistics",
     "fit",
-    "pooled_features",
+    "fit_model",
+    "head_shape",
+    "header_check",
 ]
 
 logger = logging.getLogger(__name__)
@@ -50,10 +71,53 @@ MIN_INTENSITY_RANGE = 0.05
 MAX_ASPECT_RATIO = 2.0
 MIN_SIDE = 32
 
-METHOD = "mahalanobis"
+# DICOM codes (as ``tumor_xai.dicom`` writes them into ``DecodedImage.info``) that fit a brain MRI.
+# OT and SC (secondary captures) say nothing about what was scanned; "other" is an unrecognised code.
+NEUTRAL_MODALITIES = frozenset({"MR", "OT", "SC", "other"})
+HEAD_BODY_PARTS = frozenset({"HEAD", "BRAIN", "SKULL", "HEADNECK", "SELLA", "IAC", "other"})
+_MODALITY_NAMES = {
+    "CT": "a CT image",
+    "US": "an ultrasound image",
+    "CR": "a radiograph",
+    "DX": "a radiograph",
+    "MG": "a mammogram",
+    "NM": "a nuclear-medicine image",
+    "PT": "a PET image",
+    "XA": "an X-ray angiogram",
+    "RF": "a fluoroscopy image",
+    "SEG": "a segmentation",
+    "RTDOSE": "a radiotherapy dose map",
+    "RTIMAGE": "a radiotherapy portal image",
+}
+
+METHOD = "mahalanobis-layer-statistics"
+FEATURES = "channel std of layer1-4 maps + layer4 global average pool"
 COVARIANCES = ("class", "single")
 EXTRA_MEANS = "ood.means"
 EXTRA_PRECISION = "ood.precision"
+
+# Head-shape statistics: name -> what a low value means, for the reason.
+SHAPE_STATS = {
+    "head_area": "the bright region (the head) covers only {v:.0%} of the image; training slices: at least {t:.0%}",
+    "single_region": "the bright pixels are spread over several regions (the largest holds {v:.0%}; "
+    "training slices: at least {t:.0%})",
+    "ellipse_fit": "the bright region is not head-shaped (overlap with its fitted ellipse {v:.2f}; "
+    "training slices: at least {t:.2f})",
+    "texture": "the bright region has too few grey levels for an MRI slice (entropy {v:.1f} bits; "
+    "training slices: at least {t:.1f}): a drawing, phantom or mask?",
+}
+
+
+def header_check(image: DecodedImage) -> str | None:
+    """A reason from the DICOM header (modality, body part) why ``image`` is no brain MRI, or ``None``."""
+    modality = image.info.get("Modality")
+    if modality is not None and modality not in NEUTRAL_MODALITIES:
+        what = _MODALITY_NAMES.get(modality, f"a {modality} image")
+        return f"the DICOM header says this is {what} (Modality {modality}); the model reads brain MRI slices"
+    part = image.info.get("BodyPartExamined")
+    if part is not None and part not in HEAD_BODY_PARTS:
+        return f"the DICOM header says the body part is {part}; the model reads brain MRI slices"
+    return None
 
 
 def cheap_checks(image: DecodedImage) -> str | None:
@@ -72,14 +136,61 @@ def cheap_checks(image: DecodedImage) -> str | None:
     return None
 
 
-def pooled_features(fmap: torch.Tensor) -> torch.Tensor:
-    """The penultimate features ``(N, C)``: the global average pool of the last block's map."""
-    return fmap.float().mean(dim=(2, 3))
+def head_shape(square: np.ndarray) -> dict[str, float]:
+    """Model-free statistics of the uint8 square ``(S, S)`` the model sees; low values are unlike a head.
+
+    The foreground is what is brighter than a tenth of the 99th percentile (after a light blur);
+    ``head_area`` is the filled area of its largest connected region over the square's, and
+    ``single_region`` that region's share of all foreground; ``ellipse_fit`` the overlap (IoU) of the
+    filled region with its fitted ellipse; ``texture`` the entropy (bits) of a 64-bin grey-level
+    histogram inside the region.
+    """
+    blurred = cv2.GaussianBlur(square, (5, 5), 0)
+    mask = (blurred > 0.1 * float(np.percentile(blurred, 99))).astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    if n <= 1:
+        return dict.fromkeys(SHAPE_STATS, 0.0)
+    largest = (labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))).astype(np.uint8)
+    contours, _ = cv2.findContours(largest, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    outline = max(contours, key=cv2.contourArea)
+    filled = np.zeros_like(largest)
+    cv2.drawContours(filled, [outline], -1, 1, thickness=-1)
+    ellipse_fit = 0.0
+    if len(outline) >= 5:
+        ellipse = np.zeros_like(largest)
+        cv2.ellipse(ellipse, cv2.fitEllipse(outline), 1, thickness=-1)
+        ellipse_fit = float((ellipse & filled).sum() / max(int((ellipse | filled).sum()), 1))
+    hist = np.bincount(square[filled > 0] // 4, minlength=64).astype(np.float64)
+    p = hist[hist > 0] / hist.sum()
+    return {
+        "head_area": float(filled.sum() / square.size),
+        "single_region": float(largest.sum() / mask.sum()),
+        "ellipse_fit": ellipse_fit,
+        "texture": float(-(p * np.log2(p)).sum()),
+    }
 
 
-def extract_features(model: nn.Module, images: np.ndarray, cfg: PreprocessConfig, batch_size: int = 64) -> torch.Tensor:
-    """Pooled features ``(N, C)`` of uint8 squares ``(N, S, S)`` (``data.decode_samples`` output)."""
-    return inference.forward(model, images, cfg, batch_size).features
+def feature_statistics(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The OOD feature vector ``(N, D)`` of model inputs ``x``: each stage's per-channel spatial std, then
+    the layer4 global average pool. (A ResNet forward up to layer4, the classifier's own modules.)"""
+    x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+    spreads = []
+    for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
+        x = layer(x)
+        spreads.append(x.float().std(dim=(2, 3), correction=0))
+    return torch.cat([*spreads, x.float().mean(dim=(2, 3))], dim=1)
+
+
+def extract_features(model: nn.Module, images, cfg: PreprocessConfig, batch_size: int = 64) -> torch.Tensor:
+    """:func:`feature_statistics` ``(N, D)``, float32 on the CPU, of uint8 squares ``(N, S, S)`` or ``(N, 1, S, S)``."""
+    module = model.module if hasattr(model, "module") else model
+    module.eval()
+    device = next(module.parameters()).device
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(images), batch_size):
+            out.append(feature_statistics(module, inference.to_input(images[i : i + batch_size], cfg).to(device)).cpu())
+    return torch.cat(out)
 
 
 def _squared_distances(features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
@@ -93,13 +204,17 @@ def fit(
     train_labels: torch.Tensor,
     val_features: torch.Tensor,
     covariance: str = "class",
-    percentile: float = 99.0,
+    percentile: float = 99.5,
+    *,
+    shape_stats: list[dict[str, float]] | None = None,
+    shape_percentile: float = 0.1,
 ) -> tuple[dict[str, torch.Tensor], dict]:
-    """Fit the Mahalanobis statistics; returns (tensors for ``extras``, JSON-able ``metadata["ood"]``).
+    """Fit the Mahalanobis statistics (and the head-shape limits); returns (``extras``, JSON-able ``metadata["ood"]``).
 
     ``covariance="class"`` uses one mean per class and their shared covariance; ``"single"`` one
     Gaussian over all training features. The threshold is the ``percentile`` of the validation
-    slices' distances.
+    slices' distances. ``shape_stats`` (:func:`head_shape` of the training images) set each shape
+    limit at their ``shape_percentile``; without them no shape check is stored.
     """
     if covariance not in COVARIANCES:
         raise ValueError(f"unknown covariance {covariance!r}; choose one of {', '.join(COVARIANCES)}")
@@ -124,13 +239,14 @@ def fit(
     cov = (1.0 - shrinkage) * cov + shrinkage * target * torch.eye(cov.shape[0], dtype=cov.dtype)
     precision = torch.linalg.inv(cov)
     precision = (precision + precision.T) / 2  # exact symmetry after inversion
-    val = _squared_distances(val_features.detach().double().cpu(), means, precision).sqrt()
+    val = _squared_distances(val_features.detach().double().cpu(), means, precision).clamp_min(0).sqrt()
     threshold = float(np.percentile(val.numpy(), percentile))
-    train = _squared_distances(x, means, precision).sqrt()
+    train = _squared_distances(x, means, precision).clamp_min(0).sqrt()
     meta = {
         "method": METHOD,
         "covariance": covariance,
-        "feature": "layer4 global average pool",
+        "feature": FEATURES,
+        "dimensions": int(x.shape[1]),
         "shrinkage": shrinkage,
         "percentile": percentile,
         "threshold": threshold,
@@ -138,25 +254,62 @@ def fit(
         "num_val": len(val),
         "val_distance_median": float(val.median()),
         "train_distance_median": float(train.median()),
+        "shape": None,
     }
+    if shape_stats:
+        meta["shape"] = {
+            "percentile": shape_percentile,
+            "n": len(shape_stats),
+            "limits": {k: float(np.percentile([s[k] for s in shape_stats], shape_percentile)) for k in SHAPE_STATS},
+        }
     extras = {EXTRA_MEANS: means.float(), EXTRA_PRECISION: precision.float()}
     logger.info("OOD fit: %s covariance, shrinkage %.3f, threshold %.2f", covariance, shrinkage, threshold)
     return extras, meta
 
 
+def fit_model(
+    model: nn.Module,
+    images,
+    labels,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    cfg: PreprocessConfig,
+    batch_size: int = 64,
+    **kwargs,
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """:func:`fit` from a model and its Training squares (uint8 ``(N, S, S)`` or ``(N, 1, S, S)``, array or
+    tensor on any device): feature statistics of the training and validation indices, head shapes of all.
+    Without a validation carve-out the threshold comes from the training images (and says so in the log)."""
+    feats = extract_features(model, images, cfg, batch_size)
+    y = torch.as_tensor(labels).cpu()
+    if len(val_idx) == 0:
+        logger.warning("no validation carve-out: the OOD threshold is a percentile of training distances")
+        val_idx = train_idx
+    squares = np.asarray(torch.as_tensor(images).reshape(len(images), *images.shape[-2:]).cpu())
+    shapes = [head_shape(sq) for sq in squares]
+    return fit(feats[train_idx], y[train_idx], feats[val_idx], shape_stats=shapes, **kwargs)
+
+
 @dataclass
 class OodDetector:
-    """The fitted Mahalanobis test; build it with :meth:`from_weights`."""
+    """The fitted statistics; build it with :meth:`from_weights`, ask it with :func:`check`."""
 
-    means: torch.Tensor  # (K, C)
-    precision: torch.Tensor  # (C, C)
+    means: torch.Tensor  # (K, D)
+    precision: torch.Tensor  # (D, D)
     threshold: float
+    shape_limits: dict[str, float] | None = None
 
     @classmethod
     def from_weights(cls, extras: dict[str, torch.Tensor], metadata: dict) -> OodDetector | None:
-        """The detector stored with a weights folder, or ``None`` when the folder has no OOD statistics."""
+        """The detector stored with a weights folder, or ``None`` when the folder has no (current) OOD statistics."""
         ood = metadata.get("ood")
         if not ood:
+            return None
+        if ood.get("method") == "mahalanobis":  # the layer4-only statistics of earlier weights
+            logger.warning(
+                "the weights' OOD statistics are of an older kind; refit them with "
+                "`python -m tumor_xai.ood --data DIR --weights DIR`"
+            )
             return None
         if ood.get("method") != METHOD:
             raise ValueError(
@@ -168,10 +321,11 @@ class OodDetector:
                 f"the weights' OOD statistics are incomplete (missing {', '.join(missing) or 'threshold'}); "
                 "refit them with `python -m tumor_xai.ood --data DIR --weights DIR`"
             )
-        return cls(extras[EXTRA_MEANS].double(), extras[EXTRA_PRECISION].double(), float(ood["threshold"]))
+        limits = (ood.get("shape") or {}).get("limits")
+        return cls(extras[EXTRA_MEANS].double(), extras[EXTRA_PRECISION].double(), float(ood["threshold"]), limits)
 
     def distance(self, features: torch.Tensor) -> torch.Tensor:
-        """Mahalanobis distance ``(N,)`` of pooled features ``(N, C)`` to the nearest training class."""
+        """Mahalanobis distance ``(N,)`` of feature statistics ``(N, D)`` to the nearest training class."""
         return _squared_distances(features.detach().double(), self.means, self.precision).clamp_min(0).sqrt()
 
     def reason(self, distance: float) -> str | None:
@@ -183,12 +337,39 @@ class OodDetector:
             f"(feature distance {distance:.1f} > threshold {self.threshold:.1f})"
         )
 
+    def shape_reason(self, stats: dict[str, float]) -> str | None:
+        """Why the :func:`head_shape` ``stats`` are unlike a head on a dark background, or ``None``."""
+        for name, limit in (self.shape_limits or {}).items():
+            if stats[name] < limit:
+                return SHAPE_STATS[name].format(v=stats[name], t=limit)
+        return None
+
+
+def check(
+    image: DecodedImage,
+    square: np.ndarray,
+    model: nn.Module,
+    cfg: PreprocessConfig,
+    detector: OodDetector | None,
+) -> str | None:
+    """Why ``image`` (and ``square``, its uint8 model-input square) is not a brain MRI slice like the
+    training data, or ``None``: the header, the cheap checks, then (with a fitted detector) the head
+    shape and the feature statistics, first reason wins."""
+    reason = header_check(image) or cheap_checks(image)
+    if reason is not None or detector is None:
+        return reason
+    reason = detector.shape_reason(head_shape(square))
+    if reason is not None:
+        return reason
+    feats = extract_features(model, square[None], cfg)
+    return detector.reason(detector.distance(feats)[0].item())
+
 
 @dataclass
 class CarveOut:
-    """Pooled features of a Training split and the train / validation indices the weights were fitted with."""
+    """The decoded Training split and the train / validation indices the weights were fitted with."""
 
-    features: torch.Tensor
+    images: np.ndarray  # uint8 (N, S, S)
     labels: torch.Tensor
     train_idx: np.ndarray
     val_idx: np.ndarray
@@ -197,7 +378,7 @@ class CarveOut:
     from_weights: bool  # whether fraction and seed came from the weights' training config
 
 
-def carve_out_features(weights, data: Path, batch_size: int = 64) -> CarveOut:
+def carve_out(weights, data: Path) -> CarveOut:
     """Decode ``data``'s Training split and split it as the weights' training did (else a seeded 10 %)."""
     from tumor_xai.data import decode_samples, discover, split_train_val
 
@@ -207,9 +388,8 @@ def carve_out_features(weights, data: Path, batch_size: int = 64) -> CarveOut:
     seed = int(training.get("seed", 0))
     split = decode_samples(dataset.splits["Training"], weights.preprocess.input_size, skip_unreadable=True)
     train_idx, val_idx = split_train_val(split.labels, split.thumbs, fraction, seed)
-    feats = extract_features(weights.model, split.images, weights.preprocess, batch_size)
     return CarveOut(
-        feats, torch.from_numpy(split.labels), train_idx, val_idx, fraction, seed, "val_fraction" in training
+        split.images, torch.from_numpy(split.labels), train_idx, val_idx, fraction, seed, "val_fraction" in training
     )
 
 
@@ -227,14 +407,22 @@ def _refit(args: argparse.Namespace) -> int:
         )
         return 2
     print(f"decoding {len(dataset.splits['Training'])} training images at {weights.preprocess.input_size} px ...")
-    c = carve_out_features(weights, args.data, args.batch_size)
+    c = carve_out(weights, args.data)
     if len(c.val_idx) == 0:
         print("error: the validation carve-out is empty; pass a fraction above 0", file=sys.stderr)
         return 2
     source = "the weights' training config" if c.from_weights else "the default"
     print(f"validation carve-out: {len(c.val_idx)} images ({c.fraction:.0%}, seed {c.seed}, from {source})")
-    extras, meta = fit(
-        c.features[c.train_idx], c.labels[c.train_idx], c.features[c.val_idx], args.covariance, args.percentile
+    extras, meta = fit_model(
+        weights.model,
+        c.images,
+        c.labels,
+        c.train_idx,
+        c.val_idx,
+        weights.preprocess,
+        args.batch_size,
+        covariance=args.covariance,
+        percentile=args.percentile,
     )
     kept = {k: v for k, v in weights.extras.items() if not k.startswith("ood.")}
     metadata = {
@@ -260,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--weights", required=True, type=Path, help="weights folder to update in place")
     parser.add_argument("--covariance", choices=COVARIANCES, default="class")
-    parser.add_argument("--percentile", type=float, default=99.0, help="validation percentile used as threshold")
+    parser.add_argument("--percentile", type=float, default=99.5, help="validation percentile used as threshold")
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)
     if not 50.0 <= args.percentile <= 100.0:

@@ -22,7 +22,8 @@ from tumor_xai import explain as xai
 from tumor_xai import inference
 from tumor_xai.checkpoint import LoadedWeights, WeightsError, load_weights
 from tumor_xai.decode import DecodedImage, ImageSource, load_image
-from tumor_xai.ood import OodDetector, cheap_checks
+from tumor_xai.ood import OodDetector
+from tumor_xai.ood import check as ood_check
 from tumor_xai.preprocess import fit_square, quantize
 
 __all__ = ["Prediction", "Predictor"]
@@ -149,15 +150,12 @@ class Predictor:
         probs = self.decision.probabilities(out.logits)[0].numpy()
         label_idx = int(np.argmax(probs))
         target_idx = label_idx if target is None else self.class_names.index(target)
-        distance = self.ood.distance(out.features)[0].item() if self.ood is not None else None
 
         probabilities = {c: float(p) for c, p in zip(self.class_names, probs, strict=False)}
         pred = Prediction(probabilities=probabilities, label=self.class_names[label_idx], image=decoded)
         pred.tumor_probability = self.decision.tumor_probability(probabilities)
         pred.screening_positive = self.decision.screening_positive(pred.tumor_probability)
-        reason = cheap_checks(decoded)
-        if reason is None and distance is not None:
-            reason = self.ood.reason(distance)
+        reason = ood_check(decoded, squares[0], self.model, self.preprocess, self.ood)
         pred.in_distribution, pred.ood_reason = reason is None, reason
 
         if explain:

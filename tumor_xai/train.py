@@ -786,17 +786,16 @@ def finalize(ctx: RunContext, run: RunData) -> dict:
     def forward(idx: np.ndarray) -> inference.Forward:
         return inference.forward(best.model, run.all.images[idx], ctx.pre, ctx.cfg.batch_size, channels_last=True)
 
-    train_feats = forward(run.train_idx).features
     if len(run.val_idx):
         val = forward(run.val_idx)
         fitted = _calibration(ctx, val.logits, run.all.labels[run.val_idx].cpu(), run.class_names)
         meta.setdefault("metrics", {})["validation"] = fitted.pop("validation")
         meta.update(fitted)
-        val_feats = val.features
     else:
-        val_feats = train_feats
         logger.warning("no validation split: temperature stays 1 and no screening threshold is stored")
-    extras, meta["ood"] = ood.fit(train_feats, run.all.labels[run.train_idx].cpu(), val_feats)
+    extras, meta["ood"] = ood.fit_model(
+        best.model, run.all.images, run.all.labels, run.train_idx, run.val_idx, ctx.pre, ctx.cfg.batch_size
+    )
     save_weights(best.model, ctx.out, meta, extras=extras, half=ctx.cfg.half)
     return meta
 
