@@ -406,9 +406,21 @@ def test_a_stop_signal_leaves_nothing_in_the_cache(tmp_path, served, sig):
 def test_malloc_returns_large_blocks_to_the_system():
     from tumor_xai import serve
 
-    if (
-        not Path("/lib/x86_64-linux-gnu/libc.so.6").exists()
-        and not Path("/usr/lib/x86_64-linux-gnu/libc.so.6").exists()
-    ):
-        pytest.skip("not glibc")
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
     assert serve.tune_malloc() is True
+
+
+def test_page_answers_at_once_and_a_slow_heatmap_follows_in_its_own_queue(fresh_app):
+    import gradio as gr
+
+    app, _ = fresh_app
+    fns = {fn.name: fn for fn in app.demo.fns.values()}
+    analyze, slow = fns["analyze"], fns["explain_slow"]
+    assert analyze.concurrency_id == "predict" and slow.concurrency_id == "explain" and slow.concurrency_limit == 1
+    path = str(EXAMPLES / "glioma_1.jpg")
+    label, summary, original, overlay, record, source = analyze.fn(path, "scorecam", "predicted", 0.5)
+    assert source == path and record["method"] is None and overlay is None and Path(original).is_file()
+    label, summary, original, overlay, record = slow.fn(path, "scorecam", "predicted", 0.5)
+    assert record["method"] == "scorecam" and Image.open(overlay).size == Image.open(path).size
+    assert slow.fn(path, "gradcam", "predicted", 0.5) == (gr.skip(),) * 5  # fast methods were answered already
