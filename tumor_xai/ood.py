@@ -199,6 +199,18 @@ def _squared_distances(features: torch.Tensor, means: torch.Tensor, precision: t
     return torch.einsum("nkc,cd,nkd->nk", diff, precision, diff).min(dim=1).values
 
 
+def _shrunk_precision(centred: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The inverse of the Ledoit-Wolf-shrunk covariance of ``centred`` rows, and the shrinkage."""
+    from sklearn.covariance import ledoit_wolf_shrinkage  # fitting only; keeps scikit-learn out of app start-up
+
+    shrinkage = float(ledoit_wolf_shrinkage(centred.numpy(), assume_centered=True))
+    cov = centred.T @ centred / len(centred)
+    target = torch.trace(cov) / cov.shape[0]
+    cov = (1.0 - shrinkage) * cov + shrinkage * target * torch.eye(cov.shape[0], dtype=cov.dtype)
+    precision = torch.linalg.inv(cov)
+    return (precision + precision.T) / 2, shrinkage  # exact symmetry after inversion
+
+
 def fit(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
@@ -231,14 +243,7 @@ def fit(
     else:
         means = x.mean(dim=0, keepdim=True)
         centred = x - means
-    from sklearn.covariance import ledoit_wolf_shrinkage  # fitting only; keeps scikit-learn out of app start-up
-
-    shrinkage = float(ledoit_wolf_shrinkage(centred.numpy(), assume_centered=True))
-    cov = centred.T @ centred / len(centred)
-    target = torch.trace(cov) / cov.shape[0]
-    cov = (1.0 - shrinkage) * cov + shrinkage * target * torch.eye(cov.shape[0], dtype=cov.dtype)
-    precision = torch.linalg.inv(cov)
-    precision = (precision + precision.T) / 2  # exact symmetry after inversion
+    precision, shrinkage = _shrunk_precision(centred)
     val = _squared_distances(val_features.detach().double().cpu(), means, precision).clamp_min(0).sqrt()
     threshold = float(np.percentile(val.numpy(), percentile))
     train = _squared_distances(x, means, precision).clamp_min(0).sqrt()
