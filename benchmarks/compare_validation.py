@@ -17,9 +17,15 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+import torch
 from ablation import validation_scores
 
+from tumor_xai import inference
 from tumor_xai.checkpoint import load_weights
+from tumor_xai.data import split_train_val
+from tumor_xai.evaluate import score_heatmap
+from tumor_xai.explain import explain_batch
 from tumor_xai.train import TrainConfig, load_training_data
 
 ROWS = [
@@ -30,11 +36,47 @@ ROWS = [
 ]
 
 
+def heatmap_scores(weights: Path, data, cfg, heatmaps: list[str]) -> dict[str, dict]:
+    """Pointing game and heat-in-mask of each ``method@layer`` (true class) on the masked validation slices.
+
+    Scored exactly as the evaluation scores the Testing masks (:func:`tumor_xai.evaluate.score_heatmap`),
+    so the default heatmap can be chosen on validation data and only reported on Testing.
+    """
+    w = load_weights(weights)
+    _, val_idx = split_train_val(data.decoded.labels, data.decoded.thumbs, cfg.val_fraction, cfg.seed)
+    notumor = data.class_names.index("notumor")
+    idx = val_idx[data.masks.has_mask[val_idx] & (data.decoded.labels[val_idx] != notumor)]
+    out = {}
+    for spec in heatmaps:
+        method, _, layer = spec.partition("@")
+        hits, mass = [], []
+        for start in range(0, len(idx), 16):
+            batch = idx[start : start + 16]
+            x = inference.to_input(data.decoded.images[batch], w.preprocess)
+            maps = explain_batch(w.model, x, torch.from_numpy(data.decoded.labels[batch]), method, layer or "layer4")
+            for heat, i in zip(maps, batch, strict=True):
+                score = score_heatmap(heat, data.masks.masks[i] > 127)
+                hits.append(score.hit)
+                mass.append(score.mass)
+        out[spec] = {"pointing": float(np.mean(hits)), "mass_in_mask": float(np.mean(mass)), "n": len(idx)}
+        print(
+            f"{weights} {spec}: pointing {100 * out[spec]['pointing']:.1f} %, heat in mask "
+            f"{100 * out[spec]['mass_in_mask']:.1f} % ({len(idx)} masked validation slices)",
+            flush=True,
+        )
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True)
     p.add_argument("--masks", required=True)
     p.add_argument("--json", type=Path, help="also write the scores here")
+    p.add_argument(
+        "--heatmaps",
+        default="",
+        help="also score these METHOD@LAYER heatmaps on the masked validation slices, e.g. gradcam@layer4,gradcam@layer3",
+    )
     p.add_argument("weights", nargs="+", type=Path, help="weights folders; the first is the reference")
     args = p.parse_args()
 
@@ -44,6 +86,10 @@ def main() -> int:
     cfg = replace(cfg, val_fraction=trained.get("val_fraction", cfg.val_fraction))
     data = load_training_data(cfg, fingerprint=False)
     scores = {str(w): validation_scores(w, data, cfg) for w in args.weights}
+    if args.heatmaps:
+        specs = [h.strip() for h in args.heatmaps.split(",") if h.strip()]
+        for w in args.weights:
+            scores[str(w)]["heatmaps"] = heatmap_scores(w, data, cfg, specs)
     names = list(scores)
     print(f"validation carve-out of seed {cfg.seed} ({next(iter(scores.values()))['val_n']} images, {size} px)")
     print("| | " + " | ".join(names) + " |\n|---" * 1 + "|---" * len(names) + "|")
