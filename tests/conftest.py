@@ -8,12 +8,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+
+# The tests run tiny models: one intra-op thread is faster than two, and on a busy 2-core machine
+# two OpenMP threads spin-wait on each other (a 64 px batch of 8 then takes ~0.8 s instead of ~2 ms).
+# Subprocesses the tests start (the CLIs, torchrun) inherit this; an explicit setting wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 from PIL import Image
 
-from tumor_xai.checkpoint import save_weights
-from tumor_xai.model import build_model
-from tumor_xai.preprocess import PreprocessConfig
+from tumor_xai.checkpoint import save_weights  # noqa: E402
+from tumor_xai.model import build_model  # noqa: E402
+from tumor_xai.preprocess import PreprocessConfig  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
 REPO = Path(__file__).resolve().parent.parent

@@ -98,22 +98,18 @@ def test_target_class_and_options(predictor):
 
 
 def test_concurrent_requests_equal_serial_ones(predictor):
-    torch.set_num_threads(1)  # 8 threads x intra-op threads would only thrash a small CI machine
-    try:
-        jobs = [
-            (slice_(56 + 4 * i, 64, seed=i), m)
-            for i, m in enumerate(["gradcam", "gradcam++", "layercam", "eigencam"] * 2)
-        ]
-        serial = [predictor.predict(img, explain=True, method=m) for img, m in jobs]
-        with ThreadPoolExecutor(8) as pool:
-            for _ in range(2):
-                futures = [pool.submit(predictor.predict, img, explain=True, method=m) for img, m in jobs * 2]
-                for f, s in zip(futures, serial * 2, strict=False):
-                    r = f.result()
-                    assert r.probabilities == pytest.approx(s.probabilities, abs=1e-6)
-                    np.testing.assert_allclose(r.heatmap, s.heatmap, atol=1e-5)
-    finally:
-        torch.set_num_threads(2)
+    # (one intra-op thread per request, as conftest sets: 8 threads x intra-op threads would thrash)
+    jobs = [
+        (slice_(56 + 4 * i, 64, seed=i), m) for i, m in enumerate(["gradcam", "gradcam++", "layercam", "eigencam"] * 2)
+    ]
+    serial = [predictor.predict(img, explain=True, method=m) for img, m in jobs]
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(2):
+            futures = [pool.submit(predictor.predict, img, explain=True, method=m) for img, m in jobs * 2]
+            for f, s in zip(futures, serial * 2, strict=False):
+                r = f.result()
+                assert r.probabilities == pytest.approx(s.probabilities, abs=1e-6)
+                np.testing.assert_allclose(r.heatmap, s.heatmap, atol=1e-5)
     assert all(not m._forward_hooks for m in predictor.model.modules())
 
 
@@ -169,25 +165,20 @@ def square_predictor(tmp_path_factory) -> Predictor:
     model = TinyResNet(widths=(16, 32, 64, 128), num_classes=len(SQUARE_CLASSES))
     model.conv1 = torch.nn.Conv2d(1, 16, kernel_size=7, stride=2, padding=3, bias=False)
     opt = torch.optim.Adam(model.parameters(), 2e-3)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small convolutions: one thread is faster than two contended ones
-    try:
-        for step in range(80):
-            labels = rng.integers(0, 2, 32)
-            shapes = [(64, 64) if step % 2 else ((64, 96) if rng.random() < 0.5 else (96, 64)) for _ in labels]
-            quadrants = [int(rng.integers(0, 4)) if lab else None for lab in labels]
-            squares = [
-                fit_square(_square_image(rng, h, w, q)[0], SQUARE_INPUT)[0]
-                for (h, w), q in zip(shapes, quadrants, strict=False)
-            ]
-            loss = F.cross_entropy(
-                model(normalize(torch.from_numpy(np.stack(squares))[:, None], cfg)), torch.from_numpy(labels)
-            )
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    finally:
-        torch.set_num_threads(threads)
+    for step in range(80):
+        labels = rng.integers(0, 2, 32)
+        shapes = [(64, 64) if step % 2 else ((64, 96) if rng.random() < 0.5 else (96, 64)) for _ in labels]
+        quadrants = [int(rng.integers(0, 4)) if lab else None for lab in labels]
+        squares = [
+            fit_square(_square_image(rng, h, w, q)[0], SQUARE_INPUT)[0]
+            for (h, w), q in zip(shapes, quadrants, strict=False)
+        ]
+        loss = F.cross_entropy(
+            model(normalize(torch.from_numpy(np.stack(squares))[:, None], cfg)), torch.from_numpy(labels)
+        )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     meta = {"arch": "resnet_tiny", "class_names": SQUARE_CLASSES, "preprocessing": cfg.to_dict()}
     return Predictor(LoadedWeights(model.eval(), meta, {}, tmp_path_factory.mktemp("square-weights")))
 
