@@ -45,6 +45,7 @@ def planted(tmp_path_factory) -> dict:
     return {"text": text, "summary": summary}
 
 
+@pytest.mark.slow  # builds a whole report (decoding, census, seven figures)
 def test_report_links_only_figures_that_exist(clean_report):
     out, text, _ = clean_report
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
@@ -55,6 +56,7 @@ def test_report_links_only_figures_that_exist(clean_report):
         assert png.read_bytes()[:8] == PNG_MAGIC
 
 
+@pytest.mark.slow  # builds a whole report (decoding, census, seven figures)
 def test_counts_table_matches_the_dataset(clean_report):
     _, text, summary = clean_report
     for name in CLASSES:
@@ -64,6 +66,7 @@ def test_counts_table_matches_the_dataset(clean_report):
     assert summary["class_names"] == CLASSES
 
 
+@pytest.mark.slow  # builds a whole report (decoding, census, seven figures)
 def test_clean_synthetic_dataset_has_no_duplicates(clean_report):
     _, _, summary = clean_report
     assert summary["exact"]["testing_identical_to_training"] == 0
@@ -72,6 +75,7 @@ def test_clean_synthetic_dataset_has_no_duplicates(clean_report):
     assert summary["near"]["duplicate_free_testing"] == 16
 
 
+@pytest.mark.slow  # builds a whole report (decoding, census, seven figures)
 def test_planted_duplicates_are_found_and_counted(planted):
     s = planted["summary"]
     near, exact = s["near"], s["exact"]
@@ -89,6 +93,7 @@ def test_planted_duplicates_are_found_and_counted(planted):
     assert "1 Training images are redundant copies, 1 of them in notumor" in planted["text"]
 
 
+@pytest.mark.slow  # builds a whole report (decoding, census, seven figures)
 def test_cross_class_duplicate_is_listed_by_name(planted):
     s, text = planted["summary"], planted["text"]
     assert s["near"]["cross_class_across"] == [
