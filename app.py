@@ -201,9 +201,9 @@ def build_demo(predictor: Predictor, args: argparse.Namespace | None = None) -> 
             slow = {**listen, "concurrency_id": "explain", "concurrency_limit": 1}
             # .change fires on upload, paste, example click and clear alike; controls re-render the slice on screen.
             for changed, first in [(image_in, image_in), (file_in, file_in)] + [(c, source) for c in controls]:
-                changed.change(analyze, [first, *controls], [*page, source], concurrency_id="predict", **listen).then(
-                    explain_slow, [source, *controls], page, **slow
-                )
+                changed.change(
+                    analyze, [first, *controls], [*page, source], concurrency_id="predict", **listen
+                ).success(explain_slow, [source, *controls], page, **slow)
 
             with gr.Tab("Batch"):
                 gr.Markdown(f"Up to {args.max_batch} files at once; unreadable files are listed, not fatal.")

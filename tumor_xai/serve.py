@@ -23,10 +23,12 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +123,13 @@ def _remove(folder: Path) -> None:
         logger.warning("could not delete the cache folder %s", folder)
 
 
+def _trim_heap() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def tune_malloc(mmap_threshold: int = 4 << 20, arenas: int = 2) -> bool:
     """glibc only: blocks of ``mmap_threshold`` bytes and more (decoded photos) go back to the system when
     freed, and threads share ``arenas`` heaps. Without it, glibc raises its threshold after the first large
@@ -192,16 +201,32 @@ def _pixels(path: str) -> int:
         return 0
 
 
+def _lower_priority() -> None:
+    try:  # Linux: a thread's own nice value; elsewhere the whole process's, so leave it
+        if sys.platform == "linux":
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SLOW_NICE)
+    except OSError:
+        logger.warning("could not lower the priority of the slow-explanation thread")
+
+
+# Slow explanations run on one thread of their own at a lower CPU priority: when the cores are busy,
+# the scheduler serves plain Grad-CAM requests first instead of splitting the cores evenly.
+SLOW_NICE = 10
+_SLOW_LANE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slow-explanations", initializer=_lower_priority)
+
+
 def predict_request(predictor: Predictor, path: str, **options: Any) -> Prediction:
     """``predictor.predict`` (explained when options are given) with every client-caused failure a RequestError.
 
     Images over :data:`LARGE_PIXELS` take turns, so concurrent uploads of huge photos cannot add up
-    their decoding peaks.
+    their decoding peaks; slow methods (ScoreCAM) run on the low-priority slow-explanation thread.
     """
     large = _pixels(path) > LARGE_PIXELS
     try:
         if large:
             _LARGE_DECODE.acquire()
+        if options.get("method") in SLOW_METHODS:
+            return _SLOW_LANE.submit(predictor.predict, path, explain=True, **options).result()
         return predictor.predict(path, explain=bool(options), **options)
     except InvalidImageError as exc:  # the message names the server's temporary path: show the file's name
         raise RequestError(str(exc).replace(path, Path(path).name), "Cannot read this file") from None
@@ -211,6 +236,7 @@ def predict_request(predictor: Predictor, path: str, **options: Any) -> Predicti
         raise RequestError(str(exc), "Explanation took too long") from None
     finally:
         if large:
+            _trim_heap()  # hand the photo's freed buffers back before the next one arrives
             _LARGE_DECODE.release()
 
 
