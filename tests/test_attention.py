@@ -134,7 +134,7 @@ def test_guidance_ramp():
 # ------------------------------------------------------------------------------ the shortcut case
 
 
-def _shortcut_data(n: int, seed: int, size: int = 64):
+def _shortcut_data(n: int, seed: int, size: int = 48):
     """Class 1 = a lesion at a random place in the head AND a bright square in the frame's corner.
 
     Both cues predict the class perfectly; the corner square is the easier one, so an unguided
@@ -161,7 +161,7 @@ def _shortcut_data(n: int, seed: int, size: int = 64):
 
 
 class _TinyCamNet(nn.Module):
-    """Three convolutions (a 16 x 16 map at 64 px), global average pool, linear head: a ResNet in miniature."""
+    """Three convolutions (a 12 x 12 map at 48 px), global average pool, linear head: a ResNet in miniature."""
 
     def __init__(self) -> None:
         super().__init__()
