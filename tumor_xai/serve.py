@@ -1,18 +1,16 @@
-"""What the app does per request, without Gradio: checked options, readable errors, files in the cache.
+"""The server's side of the app, without Gradio: checked requests, output files, a cache that empties itself.
 
-Every failure a client can cause becomes :class:`RequestError` (a title and a message a person can act
-on), which the app turns into ``gr.Error``. Generated images are JPEG files in the cache root.
+Requests: every failure a client can cause becomes :class:`RequestError` (a title and a message a person
+can act on), which the app turns into ``gr.Error``; slow explanations run on a low-priority thread of
+their own; photos over 16 MP are decoded one at a time. Generated images are JPEG files in the cache root.
 
-Cache hygiene: a folder of the process's own, swept while it runs and deleted at exit.
-
-Gradio keeps uploads and generated files under ``GRADIO_TEMP_DIR``. Its own ``delete_cache`` only
-deletes files it registered, so the staging files of uploads (``tmp*`` in the cache root, left
-behind when an upload fails part-way) and anything written beside them stayed, and a SIGTERM (what
-Spaces, docker and systemd send) ended the process before any clean-up. Here the app gets a folder of
-its own inside ``GRADIO_TEMP_DIR``; :class:`CacheSweeper` deletes every file in it older than the
-configured age, and :func:`install_shutdown` turns SIGTERM into the same orderly stop as Ctrl-C and
-deletes the folder on the way out. Imports nothing from Gradio: it runs before Gradio reads the
-environment.
+Cache: Gradio keeps uploads and generated files under ``GRADIO_TEMP_DIR``. Its ``delete_cache`` only
+deletes files it registered, so upload staging files (``tmp*`` in the cache root, kept when an upload
+fails part-way) stayed, and a SIGTERM (what Spaces, docker and systemd send) ended the process before
+any clean-up. Here the app gets a folder of its own inside ``GRADIO_TEMP_DIR``; :class:`CacheSweeper`
+deletes every file in it older than the configured age, and :func:`install_shutdown` turns SIGTERM into
+the same orderly stop as Ctrl-C and deletes the folder on the way out. Imports nothing from Gradio: the
+folder must be chosen before Gradio reads the environment.
 """
 
 from __future__ import annotations
