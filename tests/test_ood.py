@@ -242,9 +242,10 @@ def test_check_runs_on_the_square_the_model_sees(shipped):
 
     image = load_image(EXAMPLES / "glioma_1.jpg")
     square = quantize(fit_square(image.gray, shipped.preprocess.input_size)[0])
-    assert ood.check(image, square, shipped.model, shipped.preprocess, shipped.ood) is None
+    features = ood.extract_features(shipped.model, square[None], shipped.preprocess)
+    assert ood.check(image, square, shipped.ood, features) is None
     ct = DecodedImage(image.gray, "DICOM", 0.0, {"Modality": "CT"})
-    assert "Modality CT" in ood.check(ct, square, shipped.model, shipped.preprocess, shipped.ood)
+    assert "Modality CT" in ood.check(ct, square, shipped.ood, features)
 
 
 def test_fit_model_takes_training_tensors_and_check_falls_through_to_the_features(tiny_weights_dir):
@@ -263,4 +264,5 @@ def test_fit_model_takes_training_tensors_and_check_falls_through_to_the_feature
     assert detector.shape_reason(ood.head_shape(head)) is None
     noise = rng.integers(0, 256, (64, 64), dtype=np.uint8)
     detector.shape_limits = None  # noise is no head either; here the feature test must say so by itself
-    assert "feature distance" in ood.check(load_image(noise), noise, w.model, w.preprocess, detector)
+    features = ood.extract_features(w.model, noise[None], w.preprocess)
+    assert "feature distance" in ood.check(load_image(noise), noise, detector, features)

@@ -31,6 +31,7 @@ class Forward:
     logits: torch.Tensor  # (N, classes)
     features: torch.Tensor  # (N, C): the global average pool of the last block, the vector fc sees
     fmap: torch.Tensor | None = None  # (N, C, h, w): the last block's map, when asked for
+    spreads: torch.Tensor | None = None  # (N, sum C_i): each stage's per-channel spatial std, when asked for
 
 
 def to_input(squares: np.ndarray | torch.Tensor, cfg: PreprocessConfig, channels_last: bool = False) -> torch.Tensor:
@@ -53,6 +54,7 @@ def forward_batches(
     *,
     bf16: bool = False,
     channels_last: bool = False,
+    spreads: list[torch.Tensor] | None = None,
 ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
     """Eval-mode passes over ``squares`` in batches: yields ``(slice, layer4 map, logits)`` on the model's device.
 
@@ -66,7 +68,7 @@ def forward_batches(
         sl = slice(start, min(len(squares), start + batch_size))
         x = to_input(squares[sl], cfg, channels_last).to(device)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            fmap, logits = features_and_logits(module, x)
+            fmap, logits = features_and_logits(module, x, spreads)
         yield sl, fmap, logits
 
 
@@ -79,18 +81,31 @@ def forward(
     bf16: bool = False,
     channels_last: bool = False,
     keep_maps: bool = False,
+    spreads: bool = False,
 ) -> Forward:
-    """Logits and pooled features (and with ``keep_maps`` the last block's maps) of uint8 squares."""
-    logits, features, maps = [], [], []
+    """Logits and pooled features (with ``keep_maps`` the last block's maps, with ``spreads`` each stage's
+    per-channel spatial std) of uint8 squares."""
+    logits, features, maps, stats = [], [], [], []
+    taps: list[torch.Tensor] | None = [] if spreads else None
     with torch.inference_mode():
-        for _, fmap, out in forward_batches(model, squares, cfg, batch_size, bf16=bf16, channels_last=channels_last):
+        for _, fmap, out in forward_batches(
+            model, squares, cfg, batch_size, bf16=bf16, channels_last=channels_last, spreads=taps
+        ):
             logits.append(out.float().cpu())
             features.append(pooled_features(fmap).cpu())
             if keep_maps:
                 maps.append(fmap.float().cpu())
+            if taps is not None:
+                stats.append(torch.cat(taps, dim=1).cpu())
+                taps.clear()
     if not logits:
         raise ValueError("no images to run the model on")
-    return Forward(torch.cat(logits), torch.cat(features), torch.cat(maps) if keep_maps else None)
+    return Forward(
+        torch.cat(logits),
+        torch.cat(features),
+        torch.cat(maps) if keep_maps else None,
+        torch.cat(stats) if spreads else None,
+    )
 
 
 def class_activation_map(

@@ -90,19 +90,24 @@ def build_model(
     return model
 
 
-def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def features_and_logits(
+    model: nn.Module, x: torch.Tensor, spreads: list[torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward pass returning the last block's activation map ``(N, C, h, w)`` and the logits.
 
     For a ResNet's global-average-pool + linear head, Grad-CAM on the last block needs nothing more:
     the gradient of a logit with respect to that map is the class's fc weight divided by h * w.
+    With a ``spreads`` list, each stage's per-channel spatial standard deviation ``(N, C_i)`` is
+    appended to it (the out-of-distribution test's texture statistics, from the same pass).
     """
     x = model.conv1(x)
     x = model.bn1(x)
     x = model.relu(x)
     x = model.maxpool(x)
-    x = model.layer1(x)
-    x = model.layer2(x)
-    x = model.layer3(x)
-    fmap = model.layer4(x)
+    for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
+        x = layer(x)
+        if spreads is not None:
+            spreads.append(x.float().std(dim=(2, 3), correction=0))
+    fmap = x
     logits = model.fc(torch.flatten(model.avgpool(fmap), 1))
     return fmap, logits

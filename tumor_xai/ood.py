@@ -11,7 +11,7 @@
    many, an outline close to its fitted ellipse, and MRI-like texture inside (grey-level entropy;
    phantoms and drawings have a handful of levels). Each limit is a low percentile of the Training
    split's own values (0.1 % by default), so about 0.1 % of real slices fall under each.
-4. **Feature statistics** (:func:`feature_statistics`): the per-channel spread (spatial standard
+4. **Feature statistics** (:func:`feature_vector`, from the classifier's own forward pass): the per-channel spread (spatial standard
    deviation) of each ResNet stage's activation map plus the pooled last-block vector the classifier
    sees, scored by the Mahalanobis distance to the nearest class mean under one shared,
    Ledoit-Wolf-shrunk covariance (Lee et al., NeurIPS 2018; channel statistics of early layers as in
@@ -54,7 +54,7 @@ __all__ = [
     "cheap_checks",
     "check",
     "extract_features",
-    "feature_statistics",
+    "feature_vector",
     "fit",
     "fit_model",
     "head_shape",
@@ -170,27 +170,15 @@ def head_shape(square: np.ndarray) -> dict[str, float]:
     }
 
 
-def feature_statistics(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The OOD feature vector ``(N, D)`` of model inputs ``x``: each stage's per-channel spatial std, then
-    the layer4 global average pool. (A ResNet forward up to layer4, the classifier's own modules.)"""
-    x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
-    spreads = []
-    for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
-        x = layer(x)
-        spreads.append(x.float().std(dim=(2, 3), correction=0))
-    return torch.cat([*spreads, x.float().mean(dim=(2, 3))], dim=1)
+def feature_vector(out: inference.Forward) -> torch.Tensor:
+    """The OOD feature vector ``(N, D)`` of a :func:`tumor_xai.inference.forward` run with ``spreads=True``:
+    each stage's per-channel spatial std, then the layer4 global average pool."""
+    return torch.cat([out.spreads, out.features], dim=1)
 
 
 def extract_features(model: nn.Module, images, cfg: PreprocessConfig, batch_size: int = 64) -> torch.Tensor:
-    """:func:`feature_statistics` ``(N, D)``, float32 on the CPU, of uint8 squares ``(N, S, S)`` or ``(N, 1, S, S)``."""
-    module = model.module if hasattr(model, "module") else model
-    module.eval()
-    device = next(module.parameters()).device
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(images), batch_size):
-            out.append(feature_statistics(module, inference.to_input(images[i : i + batch_size], cfg).to(device)).cpu())
-    return torch.cat(out)
+    """:func:`feature_vector` ``(N, D)`` of uint8 squares ``(N, S, S)`` or ``(N, 1, S, S)`` (array or tensor)."""
+    return feature_vector(inference.forward(model, images, cfg, batch_size, spreads=True))
 
 
 def _squared_distances(features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
@@ -351,23 +339,18 @@ class OodDetector:
 
 
 def check(
-    image: DecodedImage,
-    square: np.ndarray,
-    model: nn.Module,
-    cfg: PreprocessConfig,
-    detector: OodDetector | None,
+    image: DecodedImage, square: np.ndarray, detector: OodDetector | None, features: torch.Tensor | None
 ) -> str | None:
-    """Why ``image`` (and ``square``, its uint8 model-input square) is not a brain MRI slice like the
-    training data, or ``None``: the header, the cheap checks, then (with a fitted detector) the head
-    shape and the feature statistics, first reason wins."""
+    """Why ``image`` is not a brain MRI slice like the training data, or ``None``: the header, the cheap
+    checks, then (with a fitted detector) the head shape of ``square`` (its uint8 model-input square)
+    and the distance of ``features`` (its :func:`feature_vector`, ``(D,)`` or ``(1, D)``); first reason wins."""
     reason = header_check(image) or cheap_checks(image)
     if reason is not None or detector is None:
         return reason
     reason = detector.shape_reason(head_shape(square))
     if reason is not None:
         return reason
-    feats = extract_features(model, square[None], cfg)
-    return detector.reason(detector.distance(feats)[0].item())
+    return detector.reason(detector.distance(features.reshape(1, -1))[0].item())
 
 
 @dataclass
