@@ -1,0 +1,62 @@
+"""The README's results and the model card's figures are generated from model.json and kept in step with it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import REPO
+
+from tumor_xai import card
+
+
+def _meta(**metrics) -> dict:
+    return {
+        "arch": "resnet18",
+        "preprocessing": {"input_size": 224},
+        "training": {"epochs": 5, "aug": "strong", "cam_loss_weight": 1.0},
+        "calibration": {"temperature": 0.7, "n": 10},
+        "screening": {"threshold": 0.5, "target_sensitivity": 0.995},
+        "metrics": metrics,
+    }
+
+
+def test_bars_are_met_missed_or_unknown():
+    meta = _meta(
+        official={"accuracy": 0.997, "tumor_sensitivity_argmax": 0.99, "ece": 0.01, "recall": {"a": 0.995, "b": 0.98}},
+        stress={"noise_0.05": 0.975, "downup_4x": 0.96},
+    )
+    rows = {label: (value, met) for label, _, value, met in card.bar_rows(meta)}
+    assert rows["accuracy (official Testing)"] == ("99.70 %", True)
+    assert rows["tumour sensitivity at the argmax"][1] is False
+    assert rows["lowest class recall"] == ("98.00 %", False)
+    assert rows["expected calibration error"][1] is True  # a bar the figure must stay under
+    assert rows["lowest stress-test accuracy"] == ("96.00 %", False)
+    assert rows["accuracy (duplicate-free subset)"] == ("-", None)  # not measured is not "met"
+
+
+def test_sections_are_replaced_between_their_markers_only():
+    text = "intro\n<!-- section:results -->\nold\n<!-- /section:results -->\noutro\n"
+    assert card.replace_section(text, "results", "new") == (
+        "intro\n<!-- section:results -->\nnew\n<!-- /section:results -->\noutro\n"
+    )
+    with pytest.raises(ValueError, match="markers"):
+        card.replace_section("no markers", "results", "x")
+
+
+def test_check_flags_a_stale_readme_and_writing_fixes_it(tmp_path):
+    weights = tmp_path / "w"
+    weights.mkdir()
+    (weights / "model.json").write_text(json.dumps(_meta(official={"n": 3, "accuracy": 1.0})))
+    (weights / "MODEL_CARD.md").write_text("# card\n<!-- card:figures -->\n<!-- /card:figures -->\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- section:results -->\nold figures\n<!-- /section:results -->\n")
+    args = ["--weights", str(weights), "--readme", str(readme)]
+    assert card.main([*args, "--check"]) == 1
+    assert card.main(args) == 0 and card.main([*args, "--check"]) == 0
+    assert "100.00 %" in readme.read_text() and "## Figures" in (weights / "MODEL_CARD.md").read_text()
+
+
+def test_the_repository_readme_and_model_card_match_the_shipped_weights():
+    assert card.main(["--check"]) == 0, "run `python -m tumor_xai.card` after changing weights/model.json"
+    assert (REPO / "weights" / "MODEL_CARD.md").is_file()
