@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from tumor_xai import attention, inference
-from tumor_xai.checkpoint import load_weights
+from tumor_xai.checkpoint import LoadedWeights, load_weights
 from tumor_xai.data import split_train_val
 from tumor_xai.preprocess import quantize
 from tumor_xai.stress import CORRUPTIONS, corrupt
@@ -64,14 +64,13 @@ def variant_args(name: str, masks: str) -> list[str]:
     return args
 
 
-def validation_scores(run: Path, data, cfg) -> dict:
+def validation_scores(weights: LoadedWeights, data, cfg) -> dict:
     """What the recipe is chosen on: the run's own validation carve-out (never the Testing split).
 
     Accuracy; accuracy under every stress corruption (applied to the decoded squares, seeded per
     image); and, on the masked validation slices, the approximate pointing game and heat-in-mask of
     the app's default heatmap (true class, Grad-CAM on layer4).
     """
-    weights = load_weights(run)
     model, pre = weights.model.float().eval(), weights.preprocess
     _, val_idx = split_train_val(data.decoded.labels, data.decoded.thumbs, cfg.val_fraction, cfg.seed)
     squares, labels = data.decoded.images[val_idx], torch.from_numpy(data.decoded.labels[val_idx])
@@ -84,8 +83,7 @@ def validation_scores(run: Path, data, cfg) -> dict:
         stress[name] = (inference.forward(model, bad, pre).logits.argmax(1) == labels).float().mean().item()
     scores.update(val_stress=stress, val_stress_min=min(stress.values()))
     if data.masks is not None:
-        notumor = data.class_names.index("notumor")
-        sel = data.masks.has_mask[val_idx] & (data.decoded.labels[val_idx] != notumor)
+        sel = data.masks.has_mask[val_idx] & (data.decoded.labels[val_idx] != weights.decision.negative_index)
         if sel.any():
             sel_t = torch.from_numpy(sel)
             cam = inference.class_activation_map(fmap[sel_t], model.fc.weight, labels[sel_t])
@@ -403,7 +401,7 @@ def main() -> int:
         print(f"== training {v} seed {s}", flush=True)
         train(cfg, data)
         durations.append(time.time() - t)
-        val = validation_scores(Path(cfg.out), data, cfg)
+        val = validation_scores(load_weights(cfg.out), data, cfg)
         (Path(cfg.out) / "validation.json").write_text(json.dumps(val, indent=1) + "\n")
         print(f"validation {v} seed {s}: " + json.dumps({k: val.get(k) for k, _ in VAL_COLUMNS}), flush=True)
         if pending is not None:

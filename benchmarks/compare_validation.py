@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ import torch
 from ablation import validation_scores
 
 from tumor_xai import inference
-from tumor_xai.checkpoint import load_weights
+from tumor_xai.checkpoint import LoadedWeights, load_weights
 from tumor_xai.data import split_train_val
 from tumor_xai.evaluate import score_heatmap
 from tumor_xai.explain import explain_batch
@@ -36,16 +35,14 @@ ROWS = [
 ]
 
 
-def heatmap_scores(weights: Path, data, cfg, heatmaps: list[str]) -> dict[str, dict]:
+def heatmap_scores(w: LoadedWeights, data, cfg, heatmaps: list[str]) -> dict[str, dict]:
     """Pointing game and heat-in-mask of each ``method@layer`` (true class) on the masked validation slices.
 
     Scored exactly as the evaluation scores the Testing masks (:func:`tumor_xai.evaluate.score_heatmap`),
     so the default heatmap can be chosen on validation data and only reported on Testing.
     """
-    w = load_weights(weights)
     _, val_idx = split_train_val(data.decoded.labels, data.decoded.thumbs, cfg.val_fraction, cfg.seed)
-    notumor = data.class_names.index("notumor")
-    idx = val_idx[data.masks.has_mask[val_idx] & (data.decoded.labels[val_idx] != notumor)]
+    idx = val_idx[data.masks.has_mask[val_idx] & (data.decoded.labels[val_idx] != w.decision.negative_index)]
     out = {}
     for spec in heatmaps:
         method, _, layer = spec.partition("@")
@@ -60,7 +57,7 @@ def heatmap_scores(weights: Path, data, cfg, heatmaps: list[str]) -> dict[str, d
                 mass.append(score.mass)
         out[spec] = {"pointing": float(np.mean(hits)), "mass_in_mask": float(np.mean(mass)), "n": len(idx)}
         print(
-            f"{weights} {spec}: pointing {100 * out[spec]['pointing']:.1f} %, heat in mask "
+            f"{w.path} {spec}: pointing {100 * out[spec]['pointing']:.1f} %, heat in mask "
             f"{100 * out[spec]['mass_in_mask']:.1f} % ({len(idx)} masked validation slices)",
             flush=True,
         )
@@ -80,18 +77,24 @@ def main() -> int:
     p.add_argument("weights", nargs="+", type=Path, help="weights folders; the first is the reference")
     args = p.parse_args()
 
-    trained = load_weights(args.weights[0]).metadata.get("training", {})
-    size = load_weights(args.weights[0]).preprocess.input_size
-    cfg = TrainConfig(data=args.data, masks=args.masks, image_size=size, seed=trained.get("seed", 0))
-    cfg = replace(cfg, val_fraction=trained.get("val_fraction", cfg.val_fraction))
+    loaded = {str(w): load_weights(w) for w in args.weights}
+    ref = next(iter(loaded.values()))
+    trained = ref.metadata.get("training", {})
+    cfg = TrainConfig(
+        data=args.data,
+        masks=args.masks,
+        image_size=ref.preprocess.input_size,
+        seed=trained.get("seed", 0),
+        val_fraction=trained.get("val_fraction", TrainConfig.val_fraction),
+    )
     data = load_training_data(cfg, fingerprint=False)
-    scores = {str(w): validation_scores(w, data, cfg) for w in args.weights}
-    if args.heatmaps:
-        specs = [h.strip() for h in args.heatmaps.split(",") if h.strip()]
-        for w in args.weights:
-            scores[str(w)]["heatmaps"] = heatmap_scores(w, data, cfg, specs)
+    scores = {name: validation_scores(w, data, cfg) for name, w in loaded.items()}
+    specs = [h.strip() for h in args.heatmaps.split(",") if h.strip()]
+    for name, w in loaded.items():
+        if specs:
+            scores[name]["heatmaps"] = heatmap_scores(w, data, cfg, specs)
     names = list(scores)
-    print(f"validation carve-out of seed {cfg.seed} ({next(iter(scores.values()))['val_n']} images, {size} px)")
+    print(f"validation carve-out of seed {cfg.seed} ({next(iter(scores.values()))['val_n']} images, {cfg.image_size} px)")
     print("| | " + " | ".join(names) + " |\n|---" * 1 + "|---" * len(names) + "|")
     for key, label in ROWS:
         cells = [f"{100 * s[key]:.2f} %" if key in s else "-" for s in scores.values()]

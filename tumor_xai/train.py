@@ -147,13 +147,18 @@ def check_config(cfg: TrainConfig) -> None:
 
 
 def check_init(cfg: TrainConfig) -> None:
-    """``--init`` weights must fit the model and share this run's validation carve-out (else it would leak)."""
-    from tumor_xai.checkpoint import WeightsError
+    """``--init`` weights must fit the model and share this run's validation carve-out (else it would leak).
+
+    Reads only their ``model.json``: the weights themselves are loaded, and checked, once, by :func:`create_model`.
+    """
+    from tumor_xai.checkpoint import METADATA_FILE
 
     try:
-        meta = load_weights(cfg.init).metadata
-    except WeightsError as exc:
-        raise ValueError(f"--init: {exc}") from None
+        meta = json.loads((Path(cfg.init) / METADATA_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(
+            f"--init {cfg.init}: no readable {METADATA_FILE} ({exc}); point it at a weights folder"
+        ) from None
     if meta.get("arch") != cfg.arch:
         raise ValueError(f"--init {cfg.init} holds a {meta.get('arch')}, but --arch is {cfg.arch}")
     trained = meta.get("training") or {}
