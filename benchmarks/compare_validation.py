@@ -94,7 +94,9 @@ def main() -> int:
         if specs:
             scores[name]["heatmaps"] = heatmap_scores(w, data, cfg, specs)
     names = list(scores)
-    print(f"validation carve-out of seed {cfg.seed} ({next(iter(scores.values()))['val_n']} images, {cfg.image_size} px)")
+    print(
+        f"validation carve-out of seed {cfg.seed} ({next(iter(scores.values()))['val_n']} images, {cfg.image_size} px)"
+    )
     print("| | " + " | ".join(names) + " |\n|---" * 1 + "|---" * len(names) + "|")
     for key, label in ROWS:
         cells = [f"{100 * s[key]:.2f} %" if key in s else "-" for s in scores.values()]
