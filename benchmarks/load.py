@@ -391,7 +391,12 @@ def serve_and_load(args: argparse.Namespace, images: list[Path], probe: Path, wo
             server_cpu, client_cpu = server_cpu + round_server, client_cpu + time.process_time() - client_cpu0
             refs.append(reference_cpu(predictor, images))
             per_request = round_server / max(1, len(rounds[-1]["latencies"]))
-            print(f"round {len(rounds)}: server {1000 * per_request:.0f} ms CPU per request", flush=True)
+            mem = vm_status(proc.pid)
+            print(
+                f"round {len(rounds)}: server {1000 * per_request:.0f} ms CPU per request, "
+                f"RSS {mem.get('VmRSS', float('nan')):.0f} MB (peak {mem.get('VmHWM', float('nan')):.0f} MB)",
+                flush=True,
+            )
         res = {k: sum((r[k] for r in rounds), [] if k != "wall_s" else 0.0) for k in rounds[0]}
         mem = vm_status(proc.pid)
         slow = gradcam_p95_under_scorecam(url, probe, args.slow_checks, args.scorecam) if args.scorecam else None

@@ -16,6 +16,7 @@ from pydicom.data import get_testdata_file
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
+from tumor_xai import decode
 from tumor_xai.decode import DecodedImage, InvalidImageError, load_image
 
 MARKER = "ZZQXSECRETPATIENTZZ"
@@ -500,6 +501,25 @@ def test_large_16bit_palette_and_rgba_images_keep_their_meaning():
     rgba[..., :3], rgba[:, :1024, 3] = 200, 255  # right half transparent: black once composited
     d = load_image(encode(Image.fromarray(rgba), "PNG"))
     assert d.size == (1024, 1024) and d.gray[0, 0] == pytest.approx(200 / 255, abs=0.01) and d.gray[0, -1] == 0
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "I;16", "L"])
+def test_strip_reduction_equals_one_whole_image_reduce(monkeypatch, mode):
+    # Full-size decodes are reduced strip by strip so no second full-size copy exists; the result
+    # must be exactly Pillow's reduce of the whole image, including the partial last block and strip.
+    monkeypatch.setattr(decode, "_STRIP_PIXELS", 40_000)
+    rng = np.random.default_rng(1)
+    if mode == "I;16":
+        img = Image.fromarray(rng.integers(0, 4096, (2303, 2101), dtype=np.uint16))
+        expected = img.convert("I").reduce(2).convert("I;16")
+    else:
+        img = Image.fromarray(rng.integers(0, 256, (2303, 2101, 4), dtype=np.uint8), "RGBA").convert(mode)
+        if mode == "P":
+            img.info["transparency"] = 0
+        expected = (img.convert("RGBA") if mode == "P" else img).reduce(2)
+    got = decode._reduce(img)
+    assert got.mode == expected.mode and got.size == expected.size == (1051, 1152)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
 
 
 def test_large_jpeg_is_decoded_at_a_reduced_scale():

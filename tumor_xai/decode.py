@@ -71,6 +71,7 @@ MAX_PIXELS = 40_000_000
 MIN_SIDE = 16
 MAX_ASPECT = 10.0  # a slice is roughly square; a 20:1 strip is not an MRI slice
 DECODE_SIDE = 1024  # larger images are reduced while decoding to a longer side of 1024-2047 px
+_STRIP_PIXELS = 1 << 20  # pixels per strip when reducing an image that was decoded at full size
 
 _PIL_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF")  # the JPEG plugin also opens MPO (phone photos)
 _SUPPORTED = "JPEG, PNG, BMP, TIFF, WebP, GIF or DICOM"
@@ -275,18 +276,29 @@ def _reduction(size: tuple[int, int]) -> int:
 
 
 def _reduce(img: Image.Image) -> Image.Image:
-    """``img`` box-averaged by :func:`_reduction` of its (possibly drafted) size, still 8/16-bit."""
+    """``img`` box-averaged by :func:`_reduction` of its (possibly drafted) size, still 8/16-bit.
+
+    Done in strips of rows, a multiple of the factor high, so the result is the same as one
+    ``Image.reduce`` while no second full-size copy exists (Pillow converts RGBA to premultiplied
+    RGBa for it, and palette or 16-bit images need a conversion first: 144 MB each for a 6000 px PNG).
+    """
     factor = _reduction(img.size)
     if factor == 1:
         return img
     mode = img.mode
     if mode == "P":  # average colours, not palette indices
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        mode = "RGBA" if "transparency" in img.info else "RGB"
     elif mode == "1":
-        img = img.convert("L")
+        mode = "L"
     elif mode.startswith("I;16"):  # Image.reduce has no 16-bit mode; int32 holds it exactly
-        return img.convert("I").reduce(factor).convert(mode)
-    return img.reduce(factor)
+        mode = "I"
+    width, height = img.size
+    out = Image.new(mode, (-(-width // factor), -(-height // factor)))
+    rows = factor * max(1, _STRIP_PIXELS // (width * factor))
+    for top in range(0, height, rows):
+        strip = img.crop((0, top, width, min(height, top + rows)))
+        out.paste(strip.convert(mode).reduce(factor), (0, top // factor))
+    return out.convert(img.mode) if img.mode.startswith("I;16") else out
 
 
 def _from_pil(img: Image.Image, fmt: str) -> DecodedImage:
