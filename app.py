@@ -31,6 +31,7 @@ from gradio.data_classes import FileData  # noqa: E402
 
 from tumor_xai import Prediction, Predictor, WeightsError, report  # noqa: E402
 from tumor_xai import explain as xai  # noqa: E402
+from tumor_xai.serve import get_args_parser  # noqa: E402
 
 __all__ = ["PREDICTED", "build_demo", "demo", "get_args_parser", "main"]
 
@@ -42,36 +43,6 @@ FAST_METHODS = [m for m in xai.METHODS if m not in xai.SLOW_METHODS]
 # Unexpected errors reach the page as words, never a stack trace; no server-side rendering, no MCP server,
 # and no browser-side run history (uploaded slices stay out of the browser's storage).
 LAUNCH = {"show_error": False, "ssr_mode": False, "mcp_server": False, "run_history": False}
-
-
-# Our own settings: flag -> (environment variable, default, meaning). Address and share link are Gradio's.
-SETTINGS = {
-    "--weights": ("TUMOR_XAI_WEIGHTS", None, "weights folder (default: the repository's weights/)"),
-    "--concurrency": ("TUMOR_XAI_CONCURRENCY", "2", "predictions at once, each with cores / N torch threads"),
-    "--queue-size": ("TUMOR_XAI_QUEUE_SIZE", "64", "requests waiting beyond this are refused"),
-    "--max-file-size": ("TUMOR_XAI_MAX_FILE_SIZE", "20mb", "upload limit"),
-    "--cache-frequency": ("TUMOR_XAI_CACHE_FREQUENCY", "300", "seconds between sweeps of uploads and outputs"),
-    "--cache-age": ("TUMOR_XAI_CACHE_AGE", "900", "seconds an upload or output is kept"),
-    "--max-batch": ("TUMOR_XAI_MAX_BATCH", "32", "files per batch request"),
-}
-
-
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
-    return int(text)
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    """The flags; a flag's default is its environment variable's value, else the built-in default."""
-    p = argparse.ArgumentParser(description="Serve the tumor-xai demo (research demo, not a diagnostic device).")
-    p.add_argument("--host", help="interface to listen on (default: GRADIO_SERVER_NAME, else 127.0.0.1)")
-    p.add_argument("--port", type=int, help="port (default: GRADIO_SERVER_PORT, else 7860)")
-    p.add_argument("--share", action="store_true", default=None, help="also a public gradio.live link (GRADIO_SHARE)")
-    for flag, (var, default, meaning) in SETTINGS.items():
-        kind = str if flag in ("--weights", "--max-file-size") else _positive
-        p.add_argument(flag, type=kind, default=os.environ.get(var, default), help=f"{meaning} (env {var})")
-    return p
 
 
 # ----------------------------------------------------------------------------- request handling
@@ -254,8 +225,13 @@ def main(argv: list[str] | None = None) -> None:
     sweeper.start()
     try:
         demo = build_demo(predictor, args)
-        demo.launch(
-            server_name=args.host, server_port=args.port, share=args.share, max_file_size=args.max_file_size, **LAUNCH
+        serve.serve_forever(
+            demo,
+            server_name=args.host,
+            server_port=args.port,
+            share=args.share,
+            max_file_size=args.max_file_size,
+            **LAUNCH,
         )
     finally:
         sweeper.stop()

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from tumor_xai import attention, inference
+from tumor_xai import evaluate as _evaluate  # noqa: F401  (evaluation subprocesses need it: fail before training)
 from tumor_xai.checkpoint import LoadedWeights, load_weights
 from tumor_xai.data import split_train_val
 from tumor_xai.preprocess import quantize

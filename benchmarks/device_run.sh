@@ -60,15 +60,14 @@ esac
 export PYTHONUNBUFFERED=1
 started=$(date +%s)
 
-# Fail in seconds, not minutes, when the machine lacks what training and evaluation import.
-"$PYTHON" -c "import tumor_xai.train, tumor_xai.evaluate, sklearn" || {
-  echo "error: the training/evaluation imports fail here (see above)" >&2; exit 3; }
-if [ "$DEVICE" = cuda ]; then
-  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-fi
+# Fail in seconds, not minutes, when the data did not travel (ablation.py imports training and evaluation
+# before it trains anything, so a missing package fails fast too).
 for d in "$DATA" "$MASKS"; do
   [ -d "$d" ] || { echo "error: $d not found (run --prepare here and carry .data)" >&2; exit 3; }
 done
+if [ "$DEVICE" = cuda ]; then
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+fi
 
 eval_device=cpu
 [ "$DEVICE" = cuda ] && eval_device=cuda

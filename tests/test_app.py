@@ -39,31 +39,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_app(weights: Path, cache_dir: Path, *extra: str, timeout: float = 90.0) -> tuple[subprocess.Popen, str]:
-    """Start ``python app.py`` on a free local port and wait until it serves its page."""
+def launch_app(weights: Path, cache_dir: Path, *extra: str) -> tuple[subprocess.Popen, str, Path]:
+    """Start ``python app.py`` on a free local port; returns at once (see :func:`wait_until_serving`)."""
     port = free_port()
     env = dict(os.environ, GRADIO_TEMP_DIR=str(cache_dir), PYTHONUNBUFFERED="1")
-    log = open(cache_dir.parent / f"app-{port}.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "app.py"), "--port", str(port), "--weights", str(weights), *extra],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
+    log = cache_dir.parent / f"app-{port}.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, str(REPO / "app.py"), "--port", str(port), "--weights", str(weights), *extra],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    return proc, f"http://127.0.0.1:{port}", log
+
+
+def wait_until_serving(proc: subprocess.Popen, url: str, log: Path, timeout: float = 90.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"app.py exited with {proc.returncode}:\n{Path(log.name).read_text()}")
+            raise RuntimeError(f"app.py exited with {proc.returncode}:\n{log.read_text()}")
         try:
             if httpx.get(url, timeout=2).status_code == 200:
-                return proc, url
+                return
         except httpx.TransportError:
             pass
         time.sleep(0.25)
     proc.kill()
-    raise RuntimeError(f"app.py did not answer within {timeout:.0f} s:\n{Path(log.name).read_text()}")
+    raise RuntimeError(f"app.py did not answer within {timeout:.0f} s:\n{log.read_text()}")
+
+
+def start_app(weights: Path, cache_dir: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    """Start ``python app.py`` on a free local port and wait until it serves its page."""
+    proc, url, log = launch_app(weights, cache_dir, *extra)
+    wait_until_serving(proc, url, log)
+    return proc, url
 
 
 def stop_app(proc: subprocess.Popen) -> None:
@@ -163,6 +174,7 @@ def test_flags_fall_back_to_the_environment_and_leave_the_address_to_gradio(fres
     assert "--concurrency: 'zero' is not a whole number of at least 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_missing_weights_stop_start_up_with_instructions(tmp_path):
     out = subprocess.run(
         [sys.executable, str(REPO / "app.py"), "--weights", str(tmp_path / "nowhere"), "--port", str(free_port())],
@@ -378,29 +390,37 @@ def stale_files(cache: Path, marker: bytes) -> list[Path]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_stop_signal_leaves_nothing_in_the_cache(tmp_path, served, sig):
+def test_a_stop_signal_leaves_nothing_in_the_cache(tmp_path, served):
+    """SIGTERM (what Spaces, docker and systemd send) and SIGINT (Ctrl-C), one server each, started together."""
     from gradio_client import Client, handle_file
     from pydicom.data import get_testdata_file
 
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    proc, url = start_app(served, cache)
+    dcm = tmp_path / "patient.dcm"
+    shutil.copy(get_testdata_file("MR_small.dcm", download=False), dcm)
+    servers = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        cache = tmp_path / sig.name / "cache"
+        cache.mkdir(parents=True)
+        servers[sig] = (cache, *launch_app(served, cache))
     try:
-        client = Client(url, verbose=False)
-        client.predict(handle_file(str(EXAMPLES / "glioma_1.jpg")), api_name="/predict")
-        dcm = tmp_path / "patient.dcm"
-        shutil.copy(get_testdata_file("MR_small.dcm", download=False), dcm)
-        client.predict([handle_file(str(dcm)), handle_file(str(EXAMPLES / "notumor_1.jpg"))], api_name="/predict_batch")
-        marker = interrupted_upload(url)
-        assert [p for p in cache.rglob("*") if p.is_file()], "requests should have left files to delete"
-        assert stale_files(cache, marker), "the interrupted upload should be on disk before the signal"
+        for sig, (cache, proc, url, log) in servers.items():
+            wait_until_serving(proc, url, log)
+            client = Client(url, verbose=False)
+            client.predict(handle_file(str(EXAMPLES / "glioma_1.jpg")), api_name="/predict")
+            batch = [handle_file(str(dcm)), handle_file(str(EXAMPLES / "notumor_1.jpg"))]
+            client.predict(batch, api_name="/predict_batch")
+            marker = interrupted_upload(url)
+            assert [p for p in cache.rglob("*") if p.is_file()], "requests should have left files to delete"
+            assert stale_files(cache, marker), "the interrupted upload should be on disk before the signal"
+            proc.send_signal(sig)
+        for sig, (cache, proc, _, log) in servers.items():
+            assert proc.wait(timeout=30) == 0, log.read_text()
+            assert [p for p in cache.rglob("*") if p.is_file()] == [], sig.name
+            assert list(cache.iterdir()) == [], sig.name
     finally:
-        proc.send_signal(sig)
-        code = proc.wait(timeout=30)
-    assert code == 0
-    assert [p for p in cache.rglob("*") if p.is_file()] == []
-    assert list(cache.iterdir()) == []
+        for _, proc, _, _ in servers.values():
+            if proc.poll() is None:
+                proc.kill()
 
 
 def test_malloc_returns_large_blocks_to_the_system():

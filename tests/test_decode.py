@@ -540,6 +540,7 @@ def test_images_below_twice_the_decode_side_are_untouched():
 # pydicom is needed only for DICOM
 
 
+@pytest.mark.slow
 def test_training_and_evaluation_import_without_pydicom(tmp_path):
     import subprocess
     import sys

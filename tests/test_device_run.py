@@ -53,6 +53,9 @@ def test_device_script_trains_picks_by_validation_and_returns_loadable_weights(t
     assert sorted(r["seed"] for r in best_runs) == [0, 1], "the extra seeds train the variant validation prefers"
     assert all("val_acc" in r and "val_stress_min" in r and "official_acc" in r for r in best_runs)
     assert summary["ship"] in {r["run"] for r in best_runs}
+    assert all(0 <= r["pointing"] <= 1 and 0 <= r["heat_in_mask"] <= 1 for r in best_runs)
+    assert json.loads((runs / "cam+strong" / "seed0" / "config.json").read_text())["cam_loss_weight"] == 1.0
+    assert "| cam+strong | 2 |" in (out / "summary.md").read_text()  # variant, runs, ...
 
     # The parts reassemble into weights that the app's loader accepts.
     unpack = subprocess.run(

@@ -15,6 +15,7 @@ folder must be chosen before Gradio reads the environment.
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import ctypes
 import logging
@@ -42,12 +43,14 @@ __all__ = [
     "CacheSweeper",
     "RequestError",
     "batch_request",
+    "get_args_parser",
     "install_shutdown",
     "predict_request",
     "private_cache_dir",
     "request_options",
     "request_path",
     "save_jpeg",
+    "serve_forever",
     "slice_image",
     "sweep",
     "tune_malloc",
@@ -147,6 +150,51 @@ def install_shutdown(folder: Path) -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     atexit.register(_remove, folder)
+
+
+# ----------------------------------------------------------------------------- settings and the server loop
+
+# Our own settings: flag -> (environment variable, default, meaning). Address and share link are Gradio's.
+SETTINGS = {
+    "--weights": ("TUMOR_XAI_WEIGHTS", None, "weights folder (default: the repository's weights/)"),
+    "--concurrency": ("TUMOR_XAI_CONCURRENCY", "2", "predictions at once, each with cores / N torch threads"),
+    "--queue-size": ("TUMOR_XAI_QUEUE_SIZE", "64", "requests waiting beyond this are refused"),
+    "--max-file-size": ("TUMOR_XAI_MAX_FILE_SIZE", "20mb", "upload limit"),
+    "--cache-frequency": ("TUMOR_XAI_CACHE_FREQUENCY", "300", "seconds between sweeps of uploads and outputs"),
+    "--cache-age": ("TUMOR_XAI_CACHE_AGE", "900", "seconds an upload or output is kept"),
+    "--max-batch": ("TUMOR_XAI_MAX_BATCH", "32", "files per batch request"),
+}
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """The flags; a flag's default is its environment variable's value, else the built-in default."""
+    p = argparse.ArgumentParser(description="Serve the tumor-xai app (research demo, not a diagnostic device).")
+    p.add_argument("--host", help="interface to listen on (default: GRADIO_SERVER_NAME, else 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default: GRADIO_SERVER_PORT, else 7860)")
+    p.add_argument("--share", action="store_true", default=None, help="also a public gradio.live link (GRADIO_SHARE)")
+    for flag, (var, default, meaning) in SETTINGS.items():
+        kind = str if flag in ("--weights", "--max-file-size") else _positive
+        p.add_argument(flag, type=kind, default=os.environ.get(var, default), help=f"{meaning} (env {var})")
+    return p
+
+
+# Seconds a stop signal waits for open connections: an answer in flight finishes, while the event streams
+# that idle browser tabs keep open do not hold the stop up (uvicorn waits for them until Gradio gives up
+# after 5 s, and a container's grace period before SIGKILL is often 10 s).
+STOP_GRACE_S = 1.0
+
+
+def serve_forever(demo: Any, **launch: Any) -> None:
+    """``demo.launch(**launch)``, then serve until SIGTERM or Ctrl-C (see :func:`install_shutdown`)."""
+    demo.launch(prevent_thread_lock=True, **launch)
+    demo.server.config.timeout_graceful_shutdown = STOP_GRACE_S
+    demo.block_thread()
 
 
 # ----------------------------------------------------------------------------- requests
