@@ -23,10 +23,10 @@ import functools  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
 from typing import Any  # noqa: E402
 
 import gradio as gr  # noqa: E402
-import torch  # noqa: E402
 from gradio.data_classes import FileData  # noqa: E402
 
 from tumor_xai import Prediction, Predictor, WeightsError, report  # noqa: E402
@@ -75,14 +75,13 @@ def _page(pred: Prediction, screening: dict) -> tuple:
     return report.label_data(pred), report.summary_markdown(pred, screening), original, overlay, pred.to_dict()
 
 
-# ----------------------------------------------------------------------------- the page
+# ----------------------------------------------------------------------------- the handlers
 
 
-def build_demo(predictor: Predictor, args: argparse.Namespace | None = None) -> gr.Blocks:
-    """The interface around ``predictor`` with its queue configured, not launched."""
-    args = args or get_args_parser().parse_args([])
+def _handlers(predictor: Predictor, args: argparse.Namespace) -> SimpleNamespace:
+    """What the page and the API call, each a thin layer over :mod:`tumor_xai.serve`."""
     screening = predictor.weights.metadata.get("screening") or {}
-    classes, methods = list(predictor.class_names), list(xai.METHODS)
+    methods = list(xai.METHODS)
 
     def request(file: Any, method: str, target: str, alpha: float, allowed: list[str]) -> Prediction:
         options = serve.request_options(method, target, alpha, allowed, PREDICTED)
@@ -136,74 +135,91 @@ def build_demo(predictor: Predictor, args: argparse.Namespace | None = None) -> 
         _, rows, _, csv_path = batch(files, method, alpha, gallery=False)
         return rows, FileData(path=csv_path)
 
+    return SimpleNamespace(
+        analyze=analyze,
+        explain_slow=explain_slow,
+        predict=endpoint(FAST_METHODS),
+        explain=endpoint(methods),
+        batch_page=batch_page,
+        predict_batch=predict_batch,
+    )
+
+
+# ----------------------------------------------------------------------------- the page
+
+
+def _single_tab(h: SimpleNamespace, classes: list[str]) -> None:
+    """One slice: upload, controls, and the answer; every control re-renders the slice on screen."""
+    source = gr.State(None)  # the server path of the slice on screen
+    with gr.Row():
+        with gr.Column(scale=1):
+            image_in = gr.Image(
+                label="MRI slice: drop, click or paste an image", type="filepath", image_mode=None,
+                sources=["upload", "clipboard"], height=280, elem_id="image-input",
+            )  # fmt: skip
+            file_in = gr.File(label="…or a DICOM file (or any image file)", elem_id="file-input")
+            method = gr.Dropdown(list(xai.METHODS), value=xai.DEFAULT_METHOD, label="Method", elem_id="method")
+            target = gr.Dropdown([PREDICTED, *classes], value=PREDICTED, label="Explain", elem_id="target")
+            alpha = gr.Slider(0, 1, value=xai.DEFAULT_ALPHA, step=0.05, label="Opacity", elem_id="alpha")
+        with gr.Column(scale=2):
+            label_out = gr.Label(num_top_classes=len(classes), label="Class probabilities", elem_id="label")
+            summary_out = gr.Markdown(elem_id="summary")
+            with gr.Row():
+                images = {"interactive": False, "buttons": ["download", "fullscreen"], "format": "jpeg"}
+                original_out = gr.Image(label="As the model read it", elem_id="original", **images)
+                overlay_out = gr.Image(label="Heatmap overlay", elem_id="overlay", **images)
+            with gr.Accordion("Details (as the API returns them)", open=False):
+                details_out = gr.JSON(label="Details", elem_id="details")
+            gr.Markdown(report.DISCLAIMER)
+    examples = sorted((REPO / "assets" / "examples").glob("*.jpg"))
+    gr.Examples([str(p) for p in examples], image_in, label="Real test slices", cache_examples=False)
+    page, controls = [label_out, summary_out, original_out, overlay_out, details_out], [method, target, alpha]
+    listen = {"api_visibility": "private", "trigger_mode": "always_last", "show_progress": "minimal"}
+    slow = {**listen, "concurrency_id": "explain", "concurrency_limit": 1}
+    # .change fires on upload, paste, example click and clear alike.
+    for changed, first in [(image_in, image_in), (file_in, file_in)] + [(c, source) for c in controls]:
+        changed.change(h.analyze, [first, *controls], [*page, source], concurrency_id="predict", **listen).success(
+            h.explain_slow, [source, *controls], page, **slow
+        )
+
+
+def _batch_tab(h: SimpleNamespace, max_batch: int) -> None:
+    gr.Markdown(f"Up to {max_batch} files at once; unreadable files are listed, not fatal.")
+    files = gr.File(file_count="multiple", label="Image or DICOM files", elem_id="batch-input")
+    with gr.Row():
+        method = gr.Dropdown(FAST_METHODS, value=xai.DEFAULT_METHOD, label="Explanation method")
+        alpha = gr.Slider(0.0, 1.0, value=xai.DEFAULT_ALPHA, step=0.05, label="Heatmap opacity")
+    go = gr.Button("Classify all", variant="primary")
+    table = gr.Dataframe(label="Results", interactive=False, wrap=True)
+    gallery = gr.Gallery(label="Heatmap overlays", columns=4, buttons=["download", "fullscreen"])
+    csv = gr.File(label="Results as CSV", interactive=False)
+    gr.Markdown(report.DISCLAIMER)
+    go.click(
+        h.batch_page, [files, method, alpha], [table, gallery, csv], api_visibility="private", concurrency_id="predict"
+    )
+
+
+def build_demo(predictor: Predictor, args: argparse.Namespace | None = None) -> gr.Blocks:
+    """The interface around ``predictor`` with its queue configured, not launched."""
+    args = args or get_args_parser().parse_args([])
+    classes, h = list(predictor.class_names), _handlers(predictor, args)
     with gr.Blocks(title="tumor-xai: explainable brain-MRI tumour classifier", analytics_enabled=False) as demo:
         gr.Markdown(
             f"# tumor-xai\nDrop a brain MRI slice (JPEG, PNG or DICOM) to see the model's probability for each class "
             f"({', '.join(classes)}) and a heatmap of where it looked.\n\n> {report.DISCLAIMER}"
         )
-        source = gr.State(None)  # the server path of the slice on screen, so controls re-render it
         with gr.Tabs():
             with gr.Tab("Classify one slice"):
-                with gr.Row():
-                    with gr.Column(scale=1):
-                        image_in = gr.Image(
-                            label="MRI slice: drop, click or paste an image", type="filepath", image_mode=None,
-                            sources=["upload", "clipboard"], height=280, elem_id="image-input",
-                        )  # fmt: skip
-                        file_in = gr.File(label="…or a DICOM file (or any image file)", elem_id="file-input")
-                        method = gr.Dropdown(methods, value=xai.DEFAULT_METHOD, label="Method", elem_id="method")
-                        target = gr.Dropdown([PREDICTED, *classes], value=PREDICTED, label="Explain", elem_id="target")
-                        alpha = gr.Slider(0, 1, value=xai.DEFAULT_ALPHA, step=0.05, label="Opacity", elem_id="alpha")
-                    with gr.Column(scale=2):
-                        label_out = gr.Label(num_top_classes=len(classes), label="Class probabilities", elem_id="label")
-                        summary_out = gr.Markdown(elem_id="summary")
-                        with gr.Row():
-                            images = {"interactive": False, "buttons": ["download", "fullscreen"], "format": "jpeg"}
-                            original_out = gr.Image(label="As the model read it", elem_id="original", **images)
-                            overlay_out = gr.Image(label="Heatmap overlay", elem_id="overlay", **images)
-                        with gr.Accordion("Details (as the API returns them)", open=False):
-                            details_out = gr.JSON(label="Details", elem_id="details")
-                        gr.Markdown(report.DISCLAIMER)
-                examples = sorted((REPO / "assets" / "examples").glob("*.jpg"))
-                gr.Examples([str(p) for p in examples], image_in, label="Real test slices", cache_examples=False)
-            page = [label_out, summary_out, original_out, overlay_out, details_out]
-            controls = [method, target, alpha]
-            listen = {"api_visibility": "private", "trigger_mode": "always_last", "show_progress": "minimal"}
-            slow = {**listen, "concurrency_id": "explain", "concurrency_limit": 1}
-            # .change fires on upload, paste, example click and clear alike; controls re-render the slice on screen.
-            for changed, first in [(image_in, image_in), (file_in, file_in)] + [(c, source) for c in controls]:
-                changed.change(
-                    analyze, [first, *controls], [*page, source], concurrency_id="predict", **listen
-                ).success(explain_slow, [source, *controls], page, **slow)
-
+                _single_tab(h, classes)
             with gr.Tab("Batch"):
-                gr.Markdown(f"Up to {args.max_batch} files at once; unreadable files are listed, not fatal.")
-                batch_in = gr.File(file_count="multiple", label="Image or DICOM files", elem_id="batch-input")
-                with gr.Row():
-                    batch_method = gr.Dropdown(FAST_METHODS, value=xai.DEFAULT_METHOD, label="Explanation method")
-                    batch_alpha = gr.Slider(0.0, 1.0, value=xai.DEFAULT_ALPHA, step=0.05, label="Heatmap opacity")
-                batch_go = gr.Button("Classify all", variant="primary")
-                batch_table = gr.Dataframe(label="Results", interactive=False, wrap=True)
-                batch_gallery = gr.Gallery(label="Heatmap overlays", columns=4, buttons=["download", "fullscreen"])
-                batch_csv = gr.File(label="Results as CSV", interactive=False)
-                gr.Markdown(report.DISCLAIMER)
-                batch_go.click(
-                    batch_page,
-                    [batch_in, batch_method, batch_alpha],
-                    [batch_table, batch_gallery, batch_csv],
-                    api_visibility="private",
-                    concurrency_id="predict",
-                )
-
+                _batch_tab(h, args.max_batch)
             with gr.Tab("About the model and data"):
                 gr.Markdown(report.about_markdown(predictor.weights.path, predictor.weights.metadata, classes))
                 plots = sorted((REPO / "reports" / "dataset").glob("*.png"))
                 gr.Gallery([(str(p), p.stem.replace("_", " ")) for p in plots], label="Dataset report", columns=2)
-
-        gr.api(endpoint(FAST_METHODS), api_name="predict", concurrency_id="predict")
-        gr.api(endpoint(methods), api_name="explain", concurrency_id="explain", concurrency_limit=1)
-        gr.api(predict_batch, api_name="predict_batch", concurrency_id="predict")
-
+        gr.api(h.predict, api_name="predict", concurrency_id="predict")
+        gr.api(h.explain, api_name="explain", concurrency_id="explain", concurrency_limit=1)
+        gr.api(h.predict_batch, api_name="predict_batch", concurrency_id="predict")
     demo.queue(default_concurrency_limit=args.concurrency, max_size=args.queue_size)
     return demo
 
@@ -212,29 +228,13 @@ def main(argv: list[str] | None = None) -> None:
     """``python app.py``: load the weights once, build the page and serve it until SIGTERM or Ctrl-C."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = get_args_parser().parse_args(argv)
-    serve.install_shutdown(CACHE)
-    serve.tune_malloc()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, cores // args.concurrency))  # two 1-thread predictions beat one 2-thread one
+    serve.prepare_process(CACHE, args.concurrency)
     try:
         predictor = Predictor.from_pretrained(args.weights)
     except WeightsError as exc:
         print(f"app.py: cannot start: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    sweeper = serve.CacheSweeper(CACHE, args.cache_frequency, args.cache_age)
-    sweeper.start()
-    try:
-        demo = build_demo(predictor, args)
-        serve.serve_forever(
-            demo,
-            server_name=args.host,
-            server_port=args.port,
-            share=args.share,
-            max_file_size=args.max_file_size,
-            **LAUNCH,
-        )
-    finally:
-        sweeper.stop()
+    serve.serve_forever(build_demo(predictor, args), args, CACHE, **LAUNCH)
 
 
 if __name__ == "__main__":

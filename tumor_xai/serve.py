@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from tumor_xai import report
@@ -46,6 +47,7 @@ __all__ = [
     "get_args_parser",
     "install_shutdown",
     "predict_request",
+    "prepare_process",
     "private_cache_dir",
     "request_options",
     "request_path",
@@ -190,11 +192,34 @@ def get_args_parser() -> argparse.ArgumentParser:
 STOP_GRACE_S = 1.0
 
 
-def serve_forever(demo: Any, **launch: Any) -> None:
-    """``demo.launch(**launch)``, then serve until SIGTERM or Ctrl-C (see :func:`install_shutdown`)."""
-    demo.launch(prevent_thread_lock=True, **launch)
-    demo.server.config.timeout_graceful_shutdown = STOP_GRACE_S
-    demo.block_thread()
+def prepare_process(cache: Path, concurrency: int) -> None:
+    """A serving process's set-up: stop signals that clean up ``cache``, glibc told to return large
+    blocks, and torch threads shared among ``concurrency`` predictions (two 1-thread predictions beat
+    one 2-thread one). Call from the main thread, once."""
+    install_shutdown(cache)
+    tune_malloc()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores // concurrency))
+
+
+def serve_forever(demo: Any, args: argparse.Namespace, cache: Path, **launch: Any) -> None:
+    """Launch ``demo`` with the address, share link and upload limit of ``args`` and serve until SIGTERM
+    or Ctrl-C, sweeping ``cache`` meanwhile (see :class:`CacheSweeper` and :func:`install_shutdown`)."""
+    sweeper = CacheSweeper(cache, args.cache_frequency, args.cache_age)
+    sweeper.start()
+    try:
+        demo.launch(
+            server_name=args.host,
+            server_port=args.port,
+            share=args.share,
+            max_file_size=args.max_file_size,
+            prevent_thread_lock=True,
+            **launch,
+        )
+        demo.server.config.timeout_graceful_shutdown = STOP_GRACE_S
+        demo.block_thread()
+    finally:
+        sweeper.stop()
 
 
 # ----------------------------------------------------------------------------- requests
