@@ -78,14 +78,15 @@ def _page(pred: Prediction, screening: dict) -> tuple:
 # ----------------------------------------------------------------------------- the handlers
 
 
+def _request(predictor: Predictor, file: Any, method: str, target: str, alpha: float, allowed: list[str]) -> Prediction:
+    options = serve.request_options(method, target, alpha, allowed, PREDICTED)
+    return serve.predict_request(predictor, serve.request_path(file), **options)
+
+
 def _handlers(predictor: Predictor, args: argparse.Namespace) -> SimpleNamespace:
-    """What the page and the API call, each a thin layer over :mod:`tumor_xai.serve`."""
+    """What the page calls, each a thin layer over :mod:`tumor_xai.serve`; with the API's (:func:`_api`)."""
     screening = predictor.weights.metadata.get("screening") or {}
     methods = list(xai.METHODS)
-
-    def request(file: Any, method: str, target: str, alpha: float, allowed: list[str]) -> Prediction:
-        options = serve.request_options(method, target, alpha, allowed, PREDICTED)
-        return serve.predict_request(predictor, serve.request_path(file), **options)
 
     @_readable
     def analyze(file: Any, method: str, target: str, alpha: float):
@@ -94,13 +95,29 @@ def _handlers(predictor: Predictor, args: argparse.Namespace) -> SimpleNamespace
             return (gr.skip(),) * 6
         if method in xai.SLOW_METHODS:
             return *_page(serve.predict_request(predictor, serve.request_path(file)), screening), file
-        return *_page(request(file, method, target, alpha, methods), screening), file
+        return *_page(_request(predictor, file, method, target, alpha, methods), screening), file
 
     @_readable
     def explain_slow(file: str | None, method: str, target: str, alpha: float):
         if not file or method not in xai.SLOW_METHODS:
             return (gr.skip(),) * 5
-        return _page(request(file, method, target, alpha, methods), screening)
+        return _page(_request(predictor, file, method, target, alpha, methods), screening)
+
+    @_readable
+    def batch_page(files: list[Any] | None, method: str, alpha: float):
+        options = serve.request_options(method, None, alpha, FAST_METHODS, PREDICTED)
+        columns, rows, overlays, csv_path = serve.batch_request(predictor, files, options, args.max_batch)
+        return (
+            {"headers": columns, "data": [[report.csv_cell(r[c]) for c in columns] for r in rows]},
+            overlays,
+            csv_path,
+        )
+
+    return SimpleNamespace(analyze=analyze, explain_slow=explain_slow, batch_page=batch_page, **_api(predictor, args))
+
+
+def _api(predictor: Predictor, args: argparse.Namespace) -> dict:
+    """The API's endpoints: /predict (fast methods), /explain (every method), /predict_batch."""
 
     def endpoint(allowed: list[str]):
         @_readable
@@ -108,41 +125,22 @@ def _handlers(predictor: Predictor, args: argparse.Namespace) -> SimpleNamespace
             file: FileData, method: str = xai.DEFAULT_METHOD, target: str = PREDICTED, alpha: float = xai.DEFAULT_ALPHA
         ) -> tuple[dict, FileData | None]:
             """One slice: its record (Prediction.to_dict) and the heatmap overlay (JPEG; None out of distribution)."""
-            pred = request(file, method, target, alpha, allowed)
+            pred = _request(predictor, file, method, target, alpha, allowed)
             overlay = serve.save_jpeg(pred.overlay) if pred.in_distribution else None
             return pred.to_dict(), overlay and FileData(path=overlay)
 
         return predict
-
-    def batch(files: list[Any] | None, method: str, alpha: float, gallery: bool = True):
-        options = serve.request_options(method, None, alpha, FAST_METHODS, PREDICTED)
-        return serve.batch_request(predictor, files, options, args.max_batch, gallery)
-
-    @_readable
-    def batch_page(files: list[Any] | None, method: str, alpha: float):
-        columns, rows, overlays, csv_path = batch(files, method, alpha)
-        return (
-            {"headers": columns, "data": [[report.csv_cell(r[c]) for c in columns] for r in rows]},
-            overlays,
-            csv_path,
-        )
 
     @_readable
     def predict_batch(
         files: list[FileData], method: str = xai.DEFAULT_METHOD, alpha: float = xai.DEFAULT_ALPHA
     ) -> tuple[list[dict], FileData]:
         """Several slices: one row per file (the batch CSV's columns) and the CSV; a bad file is a row with its error."""
-        _, rows, _, csv_path = batch(files, method, alpha, gallery=False)
+        options = serve.request_options(method, None, alpha, FAST_METHODS, PREDICTED)
+        _, rows, _, csv_path = serve.batch_request(predictor, files, options, args.max_batch, gallery=False)
         return rows, FileData(path=csv_path)
 
-    return SimpleNamespace(
-        analyze=analyze,
-        explain_slow=explain_slow,
-        predict=endpoint(FAST_METHODS),
-        explain=endpoint(methods),
-        batch_page=batch_page,
-        predict_batch=predict_batch,
-    )
+    return {"predict": endpoint(FAST_METHODS), "explain": endpoint(list(xai.METHODS)), "predict_batch": predict_batch}
 
 
 # ----------------------------------------------------------------------------- the page

@@ -126,17 +126,21 @@ def readme_results(meta: dict) -> str:
             f"The default heatmap (Grad-CAM on the last block) peaks on the tumour in {_pct(heat['pointing'], 1)} of "
             f"the {n} masked Testing slices, with {_pct(heat['mass_in_mask'], 1)} of its heat inside the tumour."
         )
-    lines += ["", "| bar | target | shipped | |", "|---|---|---|---|"]
+    return "\n".join([*lines, "", *_bar_table(meta, "shipped")])
+
+
+def _bar_table(meta: dict, column: str) -> list[str]:
+    rows = [f"| bar | target | {column} | |", "|---|---|---|---|"]
     for label, target, value, met in bar_rows(meta):
-        lines.append(f"| {label} | {target} | {value} | {'met' if met else '**missed**' if met is False else '-'} |")
-    return "\n".join(lines)
+        rows.append(f"| {label} | {target} | {value} | {'met' if met else '**missed**' if met is False else '-'} |")
+    return rows
 
 
-def model_card_figures(meta: dict) -> str:
-    """The model card's figures (between its markers): calibration, evaluation, stress, localisation, bars."""
-    m = meta.get("metrics") or {}
+def _headline(meta: dict) -> list[str]:
+    """Calibration, screening threshold and validation accuracy, one line each."""
     cal, scr = meta.get("calibration") or {}, meta.get("screening") or {}
-    lines = ["## Figures", "", _training_line(meta), ""]
+    val = (meta.get("metrics") or {}).get("validation") or {}
+    lines = []
     if cal:
         lines.append(
             f"**Calibration.** Temperature scaling on the validation carve-out ({cal.get('n', '-')} images): "
@@ -148,9 +152,33 @@ def model_card_figures(meta: dict) -> str:
             f"for {_pct(scr.get('target_sensitivity'), 1)} tumour sensitivity (never above 0.5, so the flag covers "
             "every slice the label calls a tumour)."
         )
-    val = m.get("validation") or {}
     if val:
         lines.append(f"**Validation accuracy** ({val.get('n')} images): {_pct(val.get('accuracy'))}.")
+    return lines
+
+
+def _localization_lines(loc: dict) -> list[str]:
+    uniform = loc.get("uniform") or {}
+    return [
+        "",
+        f"Where the heatmap points, true class, on the {loc['n']} Testing slices with expert tumour masks "
+        "(pointing game: peak within 8 px of the tumour at 224 px; heat in mask: share of the heatmap inside "
+        f"the tumour; a uniform map scores {_pct(uniform.get('pointing'), 1)} and "
+        f"{_pct(uniform.get('mass_in_mask'), 1)}):",
+        "",
+        "| method | layer | pointing game | heat in mask |",
+        "|---|---|---|---|",
+        *(
+            f"| {r['method']} | {r['layer']} | {_pct(r['pointing'])} | {_pct(r['mass_in_mask'])} |"
+            for r in loc["results"]
+        ),
+    ]
+
+
+def model_card_figures(meta: dict) -> str:
+    """The model card's figures (between its markers): calibration, evaluation, stress, localisation, bars."""
+    m = meta.get("metrics") or {}
+    lines = ["## Figures", "", _training_line(meta), "", *_headline(meta)]
     lines += ["", f"Evaluation: `{m.get('evaluated_with', 'python -m tumor_xai.evaluate --record')}`", ""]
     lines += [
         "| set | n | accuracy | macro F1 | tumour sens. (argmax) | tumour spec. (argmax) "
@@ -174,26 +202,9 @@ def model_card_figures(meta: dict) -> str:
     if stress:
         lines += ["", "Stress tests (official Testing, applied to the decoded image before preprocessing):", ""]
         lines += ["| corruption | accuracy |", "|---|---|"] + [f"| {k} | {_pct(v)} |" for k, v in stress.items()]
-    loc = m.get("localization") or {}
-    if loc:
-        uniform = loc.get("uniform") or {}
-        lines += [
-            "",
-            f"Where the heatmap points, true class, on the {loc['n']} Testing slices with expert tumour masks "
-            "(pointing game: peak within 8 px of the tumour at 224 px; heat in mask: share of the heatmap inside "
-            f"the tumour; a uniform map scores {_pct(uniform.get('pointing'), 1)} and "
-            f"{_pct(uniform.get('mass_in_mask'), 1)}):",
-            "",
-            "| method | layer | pointing game | heat in mask |",
-            "|---|---|---|---|",
-        ]
-        lines += [
-            f"| {r['method']} | {r['layer']} | {_pct(r['pointing'])} | {_pct(r['mass_in_mask'])} |"
-            for r in loc["results"]
-        ]
-    lines += ["", "### Against the project's bars", "", "| bar | target | this model | |", "|---|---|---|---|"]
-    for label, target, value, met in bar_rows(meta):
-        lines.append(f"| {label} | {target} | {value} | {'met' if met else '**missed**' if met is False else '-'} |")
+    if m.get("localization"):
+        lines += _localization_lines(m["localization"])
+    lines += ["", "### Against the project's bars", "", *_bar_table(meta, "this model")]
     return "\n".join(lines)
 
 
