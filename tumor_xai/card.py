@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
+from tumor_xai.augment import AugmentConfig
 from tumor_xai.checkpoint import DEFAULT_WEIGHTS_DIR
 
 __all__ = ["BARS", "bar_rows", "model_card_figures", "readme_results", "render", "replace_section"]
@@ -73,11 +75,22 @@ def bar_rows(meta: dict) -> list[tuple[str, str, str, bool | None]]:
     return rows
 
 
+def _aug_overrides(training: dict) -> dict[str, float]:
+    """The augmentation strengths a run set away from its recipe (``--aug-set``)."""
+    try:
+        preset = asdict(AugmentConfig.preset(training.get("aug", "basic")))
+    except ValueError:
+        return {}
+    return {k: v for k, v in (training.get("augment") or {}).items() if k in preset and preset[k] != v}
+
+
 def _training_line(meta: dict) -> str:
     t = meta.get("training") or {}
     cost = (meta.get("metrics") or {}).get("training_cost") or {}
     parts = [f"{meta['arch']} at {meta['preprocessing']['input_size']} px, trained from scratch on this dataset"]
-    recipe = [f"`--aug {t.get('aug', 'basic')}`"]
+    recipe = [
+        f"`--aug {t.get('aug', 'basic')}`" + "".join(f" `--aug-set {k}={v:g}`" for k, v in _aug_overrides(t).items())
+    ]
     if t.get("cam_loss_weight"):
         recipe.append(f"CAM-in-mask loss (weight {t['cam_loss_weight']:g})")
     if t.get("init"):
