@@ -35,6 +35,7 @@ from tumor_xai import attention, inference
 from tumor_xai import evaluate as _evaluate  # noqa: F401  (evaluation subprocesses need it: fail before training)
 from tumor_xai.checkpoint import LoadedWeights, load_weights
 from tumor_xai.data import split_train_val
+from tumor_xai.explain import DEFAULT_LAYER, DEFAULT_METHOD
 from tumor_xai.preprocess import quantize
 from tumor_xai.stress import CORRUPTIONS, corrupt
 from tumor_xai.train import check_config, config_from_args, get_args_parser, load_training_data, train
@@ -50,7 +51,7 @@ COMPONENTS: dict[str, list[str]] = {
 NEEDS_MASKS = {"cam", "camkl", "erase"}
 # The issue's bars for the shipped model.
 BAR_STRESS = tuple(CORRUPTIONS)  # every stress test must keep 97 %
-HEATMAP = ("gradcam", "layer4")
+HEATMAP = (DEFAULT_METHOD, DEFAULT_LAYER)  # the app's default heatmap
 
 
 def variant_args(name: str, masks: str) -> list[str]:
@@ -65,6 +66,15 @@ def variant_args(name: str, masks: str) -> list[str]:
     return args
 
 
+def validation_split(weights: LoadedWeights, data, cfg) -> tuple[np.ndarray, np.ndarray | None]:
+    """The validation carve-out's indices into ``data`` and, with masks, which of them are masked tumour
+    slices (the heatmap scores' subset; None without masks)."""
+    _, val_idx = split_train_val(data.decoded.labels, data.decoded.thumbs, cfg.val_fraction, cfg.seed)
+    if data.masks is None:
+        return val_idx, None
+    return val_idx, data.masks.has_mask[val_idx] & (data.decoded.labels[val_idx] != weights.decision.negative_index)
+
+
 def validation_scores(weights: LoadedWeights, data, cfg) -> dict:
     """What the recipe is chosen on: the run's own validation carve-out (never the Testing split).
 
@@ -73,7 +83,7 @@ def validation_scores(weights: LoadedWeights, data, cfg) -> dict:
     the app's default heatmap (true class, Grad-CAM on layer4).
     """
     model, pre = weights.model.float().eval(), weights.preprocess
-    _, val_idx = split_train_val(data.decoded.labels, data.decoded.thumbs, cfg.val_fraction, cfg.seed)
+    val_idx, sel = validation_split(weights, data, cfg)
     squares, labels = data.decoded.images[val_idx], torch.from_numpy(data.decoded.labels[val_idx])
     out = inference.forward(model, squares, pre, keep_maps=True)
     fmap, logits = out.fmap, out.logits
@@ -83,8 +93,7 @@ def validation_scores(weights: LoadedWeights, data, cfg) -> dict:
         bad = np.stack([quantize(corrupt(name, sq.astype(np.float32) / 255.0, seed=i)) for i, sq in enumerate(squares)])
         stress[name] = (inference.forward(model, bad, pre).logits.argmax(1) == labels).float().mean().item()
     scores.update(val_stress=stress, val_stress_min=min(stress.values()))
-    if data.masks is not None:
-        sel = data.masks.has_mask[val_idx] & (data.decoded.labels[val_idx] != weights.decision.negative_index)
+    if sel is not None:
         if sel.any():
             sel_t = torch.from_numpy(sel)
             cam = inference.class_activation_map(fmap[sel_t], model.fc.weight, labels[sel_t])

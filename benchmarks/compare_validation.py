@@ -18,13 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ablation import validation_scores
+from ablation import validation_scores, validation_split
 
 from tumor_xai import inference
 from tumor_xai.checkpoint import LoadedWeights, load_weights
-from tumor_xai.data import split_train_val
 from tumor_xai.evaluate import score_heatmap
-from tumor_xai.explain import explain_batch
+from tumor_xai.explain import DEFAULT_LAYER, explain_batch
 from tumor_xai.train import TrainConfig, load_training_data
 
 ROWS = [
@@ -41,8 +40,8 @@ def heatmap_scores(w: LoadedWeights, data, cfg, heatmaps: list[str]) -> dict[str
     Scored exactly as the evaluation scores the Testing masks (:func:`tumor_xai.evaluate.score_heatmap`),
     so the default heatmap can be chosen on validation data and only reported on Testing.
     """
-    _, val_idx = split_train_val(data.decoded.labels, data.decoded.thumbs, cfg.val_fraction, cfg.seed)
-    idx = val_idx[data.masks.has_mask[val_idx] & (data.decoded.labels[val_idx] != w.decision.negative_index)]
+    val_idx, masked = validation_split(w, data, cfg)
+    idx = val_idx[masked]
     out = {}
     for spec in heatmaps:
         method, _, layer = spec.partition("@")
@@ -50,7 +49,9 @@ def heatmap_scores(w: LoadedWeights, data, cfg, heatmaps: list[str]) -> dict[str
         for start in range(0, len(idx), 16):
             batch = idx[start : start + 16]
             x = inference.to_input(data.decoded.images[batch], w.preprocess)
-            maps = explain_batch(w.model, x, torch.from_numpy(data.decoded.labels[batch]), method, layer or "layer4")
+            maps = explain_batch(
+                w.model, x, torch.from_numpy(data.decoded.labels[batch]), method, layer or DEFAULT_LAYER
+            )
             for heat, i in zip(maps, batch, strict=True):
                 score = score_heatmap(heat, data.masks.masks[i] > 127)
                 hits.append(score.hit)

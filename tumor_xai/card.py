@@ -20,11 +20,12 @@ from pathlib import Path
 
 from tumor_xai.augment import AugmentConfig
 from tumor_xai.checkpoint import DEFAULT_WEIGHTS_DIR
+from tumor_xai.explain import DEFAULT_LAYER, DEFAULT_METHOD
 
 __all__ = ["BARS", "bar_rows", "model_card_figures", "readme_results", "render", "replace_section"]
 
 REPO = DEFAULT_WEIGHTS_DIR.parent
-DEFAULT_HEATMAP = ("gradcam", "layer4")
+DEFAULT_HEATMAP = (DEFAULT_METHOD, DEFAULT_LAYER)  # the app's default heatmap, whose bars the card reads
 # The project's bars for the shipped weights: (label, where to read it, target, at least?).
 BARS = [
     ("accuracy (official Testing)", ("official", "accuracy"), 0.996, True),

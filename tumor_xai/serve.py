@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import ctypes
+import functools
 import logging
 import os
 import shutil
@@ -126,11 +127,19 @@ def _remove(folder: Path) -> None:
         logger.warning("could not delete the cache folder %s", folder)
 
 
-def _trim_heap() -> None:
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """glibc, for its malloc controls; None elsewhere."""
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def _trim_heap() -> None:
+    if (libc := _glibc()) is not None:
+        libc.malloc_trim(0)
 
 
 def tune_malloc(mmap_threshold: int = 4 << 20, arenas: int = 2) -> bool:
@@ -138,9 +147,8 @@ def tune_malloc(mmap_threshold: int = 4 << 20, arenas: int = 2) -> bool:
     freed, and threads share ``arenas`` heaps. Without it, glibc raises its threshold after the first large
     free and a server that decoded a few 6000 px images kept a gigabyte it no longer used. False elsewhere.
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+    libc = _glibc()
+    if libc is None:
         return False
     m_mmap_threshold, m_arena_max = -3, -8  # from glibc's malloc.h
     return bool(libc.mallopt(m_mmap_threshold, mmap_threshold)) and bool(libc.mallopt(m_arena_max, arenas))
