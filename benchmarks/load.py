@@ -165,7 +165,7 @@ def make_client(url: str):
     """A client with gradio_client's default settings, as a user's script would have."""
     from gradio_client import Client
 
-    return Client(url, verbose=False)
+    return Client(url, verbose=False, download_files=tempfile.gettempdir())
 
 
 def wait_first_answer(url: str, proc: subprocess.Popen, image: Path, t_start: float, limit: float) -> float:
@@ -300,6 +300,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"no example slices in {EXAMPLES}")
     print(f"{len(os.sched_getaffinity(0))} CPUs, load average {load_average()} before the run", flush=True)
     with tempfile.TemporaryDirectory(prefix="tumor-xai-load-") as work:
+        # gradio_client downloads every output through a new folder in the temp dir and leaves the folder
+        # behind (one per answer); keep those inside the work folder, which is removed at the end.
+        tempfile.tempdir = str(Path(work) / "client")
+        Path(tempfile.tempdir).mkdir()
         images = examples + large_images(Path(work), examples[0])[: args.large]
         ref, by_threads, ref_cpu = reference_rate(args.weights, images, args.reference_calls)
         detail = ", ".join(f"{t} thread(s): {r:.2f}/s" for t, r in by_threads.items())
@@ -309,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         figures = serve_and_load(args, images, examples[0], work)
+    tempfile.tempdir = None
     lat, res = figures.pop("latencies"), figures.pop("result")
     total = figures["requests"]
     figures.update(

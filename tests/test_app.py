@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -89,6 +90,24 @@ def served_weights(tmp_path_factory) -> Path:
     return SHIPPED if HAVE_SHIPPED else make_weights(tmp_path_factory.mktemp("app-weights") / "weights")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def temp_folders(tmp_path_factory):
+    """Keep this module's files out of the machine's temp folder: gradio_client downloads every output
+    through a new folder there and leaves the folder behind, and in-process handlers write their outputs
+    to GRADIO_TEMP_DIR (default ``<tmp>/gradio``)."""
+    root = tmp_path_factory.mktemp("temp")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tempfile, "tempdir", str(root))
+        mp.setenv("GRADIO_TEMP_DIR", str(root / "gradio"))
+        yield root
+
+
+def make_client(url: str):
+    from gradio_client import Client
+
+    return Client(url, verbose=False, download_files=tempfile.gettempdir())
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> Path:
     return served_weights(tmp_path_factory)
@@ -112,9 +131,7 @@ def server(tmp_path_factory, served):
 
 @pytest.fixture(scope="module")
 def client(server):
-    from gradio_client import Client
-
-    return Client(server[0], verbose=False)
+    return make_client(server[0])
 
 
 # ----------------------------------------------------------------------------- without a server
@@ -392,7 +409,7 @@ def stale_files(cache: Path, marker: bytes) -> list[Path]:
 @pytest.mark.slow
 def test_a_stop_signal_leaves_nothing_in_the_cache(tmp_path, served):
     """SIGTERM (what Spaces, docker and systemd send) and SIGINT (Ctrl-C), one server each, started together."""
-    from gradio_client import Client, handle_file
+    from gradio_client import handle_file
     from pydicom.data import get_testdata_file
 
     dcm = tmp_path / "patient.dcm"
@@ -405,7 +422,7 @@ def test_a_stop_signal_leaves_nothing_in_the_cache(tmp_path, served):
     try:
         for sig, (cache, proc, url, log) in servers.items():
             wait_until_serving(proc, url, log)
-            client = Client(url, verbose=False)
+            client = make_client(url)
             client.predict(handle_file(str(EXAMPLES / "glioma_1.jpg")), api_name="/predict")
             batch = [handle_file(str(dcm)), handle_file(str(EXAMPLES / "notumor_1.jpg"))]
             client.predict(batch, api_name="/predict_batch")
