@@ -11,7 +11,7 @@ available too, for the class activation map (the default heatmap) without a seco
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +31,7 @@ class Forward:
     logits: torch.Tensor  # (N, classes)
     features: torch.Tensor  # (N, C): the global average pool of the last block, the vector fc sees
     fmap: torch.Tensor | None = None  # (N, C, h, w): the last block's map, when asked for
-    spreads: torch.Tensor | None = None  # (N, sum C_i): each stage's per-channel spatial std, when asked for
+    stage_stats: torch.Tensor | None = None  # (N, D): what ``stage_stats`` read from the stage maps, when asked for
 
 
 def to_input(squares: np.ndarray | torch.Tensor, cfg: PreprocessConfig, channels_last: bool = False) -> torch.Tensor:
@@ -54,12 +54,13 @@ def forward_batches(
     *,
     bf16: bool = False,
     channels_last: bool = False,
-    spreads: list[torch.Tensor] | None = None,
+    tap: Callable[[int, torch.Tensor], None] | None = None,
 ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
     """Eval-mode passes over ``squares`` in batches: yields ``(slice, layer4 map, logits)`` on the model's device.
 
     The caller chooses the grad mode (training's monitors run it under ``no_grad``); :func:`forward`
-    collects the outputs. ``bf16`` autocasts on the model's device type, as training does.
+    collects the outputs. ``bf16`` autocasts on the model's device type, as training does; ``tap``
+    sees each stage's map (see :func:`tumor_xai.model.features_and_logits`).
     """
     module = model.module if hasattr(model, "module") else model  # unwrap DDP
     module.eval()
@@ -68,7 +69,7 @@ def forward_batches(
         sl = slice(start, min(len(squares), start + batch_size))
         x = to_input(squares[sl], cfg, channels_last).to(device)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            fmap, logits = features_and_logits(module, x, spreads)
+            fmap, logits = features_and_logits(module, x, tap)
         yield sl, fmap, logits
 
 
@@ -81,21 +82,26 @@ def forward(
     bf16: bool = False,
     channels_last: bool = False,
     keep_maps: bool = False,
-    spreads: bool = False,
+    stage_stats: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
 ) -> Forward:
-    """Logits and pooled features (with ``keep_maps`` the last block's maps, with ``spreads`` each stage's
-    per-channel spatial std) of uint8 squares."""
+    """Logits and pooled features of uint8 squares; with ``keep_maps`` also the last block's maps, with
+    ``stage_stats`` what it returns for each stage's map (``(N, D_i)`` or ``None``), concatenated."""
     logits, features, maps, stats = [], [], [], []
-    taps: list[torch.Tensor] | None = [] if spreads else None
+    taps: list[torch.Tensor] = []
+
+    def tap(stage: int, fmap: torch.Tensor) -> None:
+        if (row := stage_stats(stage, fmap)) is not None:
+            taps.append(row.float())
+
     with torch.inference_mode():
         for _, fmap, out in forward_batches(
-            model, squares, cfg, batch_size, bf16=bf16, channels_last=channels_last, spreads=taps
+            model, squares, cfg, batch_size, bf16=bf16, channels_last=channels_last, tap=tap if stage_stats else None
         ):
             logits.append(out.float().cpu())
             features.append(pooled_features(fmap).cpu())
             if keep_maps:
                 maps.append(fmap.float().cpu())
-            if taps is not None:
+            if stage_stats is not None:
                 stats.append(torch.cat(taps, dim=1).cpu())
                 taps.clear()
     if not logits:
@@ -104,7 +110,7 @@ def forward(
         torch.cat(logits),
         torch.cat(features),
         torch.cat(maps) if keep_maps else None,
-        torch.cat(stats) if spreads else None,
+        torch.cat(stats) if stage_stats else None,
     )
 
 

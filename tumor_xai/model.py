@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torchvision import models
@@ -91,23 +93,23 @@ def build_model(
 
 
 def features_and_logits(
-    model: nn.Module, x: torch.Tensor, spreads: list[torch.Tensor] | None = None
+    model: nn.Module, x: torch.Tensor, tap: Callable[[int, torch.Tensor], None] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward pass returning the last block's activation map ``(N, C, h, w)`` and the logits.
 
     For a ResNet's global-average-pool + linear head, Grad-CAM on the last block needs nothing more:
     the gradient of a logit with respect to that map is the class's fc weight divided by h * w.
-    With a ``spreads`` list, each stage's per-channel spatial standard deviation ``(N, C_i)`` is
-    appended to it (the out-of-distribution test's texture statistics, from the same pass).
+    ``tap(stage, map)`` sees each stage's output map (stage 1-4) as it is computed: the
+    out-of-distribution test reads its statistics from the same pass.
     """
     x = model.conv1(x)
     x = model.bn1(x)
     x = model.relu(x)
     x = model.maxpool(x)
-    for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
+    for stage, layer in enumerate((model.layer1, model.layer2, model.layer3, model.layer4), start=1):
         x = layer(x)
-        if spreads is not None:
-            spreads.append(x.float().std(dim=(2, 3), correction=0))
+        if tap is not None:
+            tap(stage, x)
     fmap = x
     logits = model.fc(torch.flatten(model.avgpool(fmap), 1))
     return fmap, logits

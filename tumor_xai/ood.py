@@ -11,15 +11,16 @@
    many, an outline close to its fitted ellipse, and MRI-like texture inside (grey-level entropy;
    phantoms and drawings have a handful of levels). Each limit is a low percentile of the Training
    split's own values (0.1 % by default), so about 0.1 % of real slices fall under each.
-4. **Feature statistics** (:func:`feature_vector`, from the classifier's own forward pass): the per-channel spread (spatial standard
-   deviation) of each ResNet stage's activation map plus the pooled last-block vector the classifier
-   sees, scored by the Mahalanobis distance to the nearest class mean under one shared,
-   Ledoit-Wolf-shrunk covariance (Lee et al., NeurIPS 2018; channel statistics of early layers as in
-   Sastry & Oore, ICML 2020). The pooled last block alone misses scans of other body parts and
-   phantoms: the classifier's last layer keeps only what separates the four tumour classes, and an
-   abdomen or a phantom lands near the no-tumour class; the early stages' texture statistics do not
-   collapse that way. The threshold is a high percentile (99.5) of the distances of the held-out
-   validation carve-out.
+4. **Feature layout** (:func:`layout_statistics`, from the classifier's own forward pass): where in
+   the square each first-stage feature fires, the mean of every layer1 channel over a 3 x 3 grid
+   (576 numbers for a ResNet18), scored by the Mahalanobis distance to the nearest class mean under
+   one shared, Ledoit-Wolf-shrunk covariance (Lee et al., NeurIPS 2018). A brain slice puts the skull
+   ring, the cortex and the ventricles in much the same places; a spine CT, an abdominal or shoulder
+   MR or an ultrasound sector puts other textures there. Deeper features serve worse: the last
+   block keeps what separates the four tumour classes (an abdomen lands near the no-tumour class),
+   and training with noise, blur and down-up sampling made every stage's channel statistics tolerant
+   of acquisitions they have not seen. The threshold is a high percentile (99.5) of the distances of
+   the held-out validation carve-out.
 
 The statistics are fitted at training time (:func:`fit_model`) and stored beside the weights
 (``extras["ood.*"]``, ``metadata["ood"]``). ``python -m tumor_xai.ood --data DIR --weights DIR``
@@ -38,6 +39,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tumor_xai import inference
@@ -59,6 +61,7 @@ __all__ = [
     "fit_model",
     "head_shape",
     "header_check",
+    "layout_statistics",
 ]
 
 logger = logging.getLogger(__name__)
@@ -90,8 +93,12 @@ _MODALITY_NAMES = {
     "RTIMAGE": "a radiotherapy portal image",
 }
 
-METHOD = "mahalanobis-layer-statistics"
-FEATURES = "channel std of layer1-4 maps + layer4 global average pool"
+METHOD = "mahalanobis-layout"
+FEATURES = "layer1 channel means on a 3 x 3 grid"
+LAYOUT_STAGE = 1  # layer1
+LAYOUT_GRID = 3
+# Statistics of earlier releases: the pooled last block, then every stage's channel spreads with it.
+OLDER_METHODS = frozenset({"mahalanobis", "mahalanobis-layer-statistics"})
 COVARIANCES = ("class", "single")
 EXTRA_MEANS = "ood.means"
 EXTRA_PRECISION = "ood.precision"
@@ -170,15 +177,26 @@ def head_shape(square: np.ndarray) -> dict[str, float]:
     }
 
 
+def layout_statistics(stage: int, fmap: torch.Tensor) -> torch.Tensor | None:
+    """The OOD features of one stage's map ``(N, C, h, w)``: for layer1, each channel's mean over a
+    3 x 3 grid of the square, ``(N, C * 9)``; the other stages give none. Pass it as
+    :func:`tumor_xai.inference.forward`'s ``stage_stats``."""
+    if stage != LAYOUT_STAGE:
+        return None
+    return F.adaptive_avg_pool2d(fmap.float(), LAYOUT_GRID).flatten(1)
+
+
 def feature_vector(out: inference.Forward) -> torch.Tensor:
-    """The OOD feature vector ``(N, D)`` of a :func:`tumor_xai.inference.forward` run with ``spreads=True``:
-    each stage's per-channel spatial std, then the layer4 global average pool."""
-    return torch.cat([out.spreads, out.features], dim=1)
+    """The OOD feature vector ``(N, D)`` of a :func:`tumor_xai.inference.forward` run with
+    ``stage_stats=layout_statistics``."""
+    if out.stage_stats is None:
+        raise ValueError("the forward pass ran without stage_stats=layout_statistics")
+    return out.stage_stats
 
 
 def extract_features(model: nn.Module, images, cfg: PreprocessConfig, batch_size: int = 64) -> torch.Tensor:
     """:func:`feature_vector` ``(N, D)`` of uint8 squares ``(N, S, S)`` or ``(N, 1, S, S)`` (array or tensor)."""
-    return feature_vector(inference.forward(model, images, cfg, batch_size, spreads=True))
+    return feature_vector(inference.forward(model, images, cfg, batch_size, stage_stats=layout_statistics))
 
 
 def _squared_distances(features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
@@ -298,9 +316,9 @@ class OodDetector:
         ood = metadata.get("ood")
         if not ood:
             return None
-        if ood.get("method") == "mahalanobis":  # the layer4-only statistics of earlier weights
+        if ood.get("method") in OLDER_METHODS:
             logger.warning(
-                "the weights' OOD statistics are of an older kind; refit them with "
+                "the weights' OOD statistics are of an older kind and are not used; refit them with "
                 "`python -m tumor_xai.ood --data DIR --weights DIR`"
             )
             return None

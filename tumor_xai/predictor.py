@@ -22,7 +22,7 @@ from tumor_xai import explain as xai
 from tumor_xai import inference
 from tumor_xai.checkpoint import LoadedWeights, WeightsError, load_weights
 from tumor_xai.decode import DecodedImage, ImageSource, load_image
-from tumor_xai.ood import OodDetector, feature_vector
+from tumor_xai.ood import OodDetector, feature_vector, layout_statistics
 from tumor_xai.ood import check as ood_check
 from tumor_xai.preprocess import fit_square, quantize
 
@@ -146,7 +146,8 @@ class Predictor:
         square, geometry = fit_square(decoded.gray, self.preprocess.input_size)
         squares = quantize(square)[None]
         fast = explain and xai.is_fast_path(self.model, method, layer)
-        out = inference.forward(self.model, squares, self.preprocess, keep_maps=fast, spreads=self.ood is not None)
+        stats = layout_statistics if self.ood is not None else None
+        out = inference.forward(self.model, squares, self.preprocess, keep_maps=fast, stage_stats=stats)
         probs = self.decision.probabilities(out.logits)[0].numpy()
         label_idx = int(np.argmax(probs))
         target_idx = label_idx if target is None else self.class_names.index(target)
