@@ -15,6 +15,9 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 # Gradio's queue rebuilds a pandas table of every recorded event (up to 10 000) after each job, for a
 # monitoring page this app does not use: 1 ms of CPU per answer after 1000 answers, 4 ms after 10 000.
 os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", str(10**9))
+# Before numpy is imported: OpenBLAS's own threads keep spinning after a call (EigenCAM's SVD) and halve
+# the speed of the predictions running beside them; the server's cores already go to predictions.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from tumor_xai import serve  # noqa: E402
 

@@ -10,6 +10,10 @@ over the bare forward p50 (bar <= 2.0, target 1.0-1.3).
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as app.py runs: see the note there
+
 import argparse
 import statistics
 import sys
