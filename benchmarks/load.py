@@ -41,6 +41,7 @@ The exit status is 1 when a bar is missed, so CI can use it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -161,6 +162,18 @@ def start_server(args: argparse.Namespace, port: int, cache_dir: str) -> subproc
     env = dict(os.environ, GRADIO_TEMP_DIR=cache_dir, PYTHONUNBUFFERED="1")
     log = open(Path(cache_dir) / "server.log", "w")
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+@contextlib.contextmanager
+def client_temp(work: str):
+    """gradio_client downloads every output through a new folder in the temp dir and leaves the folder
+    behind (one per answer): keep those inside ``work``, which the caller removes, while this is open."""
+    tempfile.tempdir = str(Path(work) / "client")
+    Path(tempfile.tempdir).mkdir()
+    try:
+        yield
+    finally:
+        tempfile.tempdir = None
 
 
 def make_client(url: str):
@@ -301,11 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     if not examples:
         raise SystemExit(f"no example slices in {EXAMPLES}")
     print(f"{len(os.sched_getaffinity(0))} CPUs, load average {load_average()} before the run", flush=True)
-    with tempfile.TemporaryDirectory(prefix="tumor-xai-load-") as work:
-        # gradio_client downloads every output through a new folder in the temp dir and leaves the folder
-        # behind (one per answer); keep those inside the work folder, which is removed at the end.
-        tempfile.tempdir = str(Path(work) / "client")
-        Path(tempfile.tempdir).mkdir()
+    with tempfile.TemporaryDirectory(prefix="tumor-xai-load-") as work, client_temp(work):
         images = examples + large_images(Path(work), examples[0])[: args.large]
         ref, by_threads, ref_cpu = reference_rate(args.weights, images, args.reference_calls)
         detail = ", ".join(f"{t} thread(s): {r:.2f}/s" for t, r in by_threads.items())
@@ -315,7 +324,6 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         figures = serve_and_load(args, images, examples[0], work)
-    tempfile.tempdir = None
     lat, res = figures.pop("latencies"), figures.pop("result")
     total = figures["requests"]
     cpus = len(os.sched_getaffinity(0))

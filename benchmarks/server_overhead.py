@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", default=None, help="weights folder (default: the repository's weights/)")
     p.add_argument("--requests", type=int, default=60)
     p.add_argument("--app", type=Path, default=load.REPO / "app.py")
+    p.set_defaults(concurrency=None)  # load.start_server: the app's own default
     args = p.parse_args(argv)
-    args.concurrency = None
     images = sorted(EXAMPLES.glob("*.jpg"))
 
     import torch
@@ -64,9 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tumor_xai.predictor import Predictor
 
-    with tempfile.TemporaryDirectory(prefix="tumor-xai-overhead-") as work:
-        tempfile.tempdir = str(Path(work) / "client")  # gradio_client's leftover download folders
-        Path(tempfile.tempdir).mkdir()
+    with tempfile.TemporaryDirectory(prefix="tumor-xai-overhead-") as work, load.client_temp(work):
         port = load.free_port()
         proc = load.start_server(args, port, work)
         try:
@@ -82,7 +80,6 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             proc.terminate()
             proc.wait()
-        tempfile.tempdir = None
 
     torch.set_num_threads(1)  # as each of the server's two prediction workers
     predictor = Predictor.from_pretrained(args.weights)
