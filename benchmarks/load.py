@@ -79,6 +79,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def minor_faults(pid: int) -> int:
+    """Minor page faults of process ``pid`` so far (memory handed back to the system and touched again)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+
+
 def vm_status(pid: int) -> dict[str, float]:
     """VmRSS and VmHWM (peak) of ``pid`` in MB, read from /proc (psutil is not a dependency)."""
     out = {}

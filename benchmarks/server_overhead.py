@@ -3,10 +3,12 @@
     python benchmarks/server_overhead.py [--weights DIR] [--requests 60]
 
 Prints, on the example slices: the server's CPU per ``/predict`` answer (requests sent one after another
-by one ``gradio_client``), the CPU of an in-process ``predict(explain=True)`` alone, and the same while
-another thread of the process keeps asking for the GIL, as the server's event loop and Gradio's
-workers do. The forward pass makes many short torch calls, each of which releases the GIL and has to
-take it back; the gap between the last two figures is what that costs.
+by one ``gradio_client``) and its page faults per answer, the CPU of an in-process ``predict(explain=True)``
+alone, and the same while another thread of the process keeps asking for the GIL, as the server's event
+loop and Gradio's workers do. The forward pass makes many short torch calls, each of which releases the
+GIL and has to take it back; the gap between the last two figures is what that costs. Thousands of page
+faults per answer mean glibc hands each prediction's activations back to the system and the next one
+touches them anew (see ``tumor_xai.serve.tune_malloc``).
 """
 
 from __future__ import annotations
@@ -73,10 +75,11 @@ def main(argv: list[str] | None = None) -> int:
             client = load.make_client(url)
             for path in images[:3]:
                 client.predict(handle_file(str(path)), api_name="/predict")
-            before = load.cpu_seconds(proc.pid)
+            before, faults = load.cpu_seconds(proc.pid), load.minor_faults(proc.pid)
             for i in range(args.requests):
                 client.predict(handle_file(str(images[i % len(images)])), api_name="/predict")
             server_ms = 1000 * (load.cpu_seconds(proc.pid) - before) / args.requests
+            faults = (load.minor_faults(proc.pid) - faults) / args.requests
         finally:
             proc.terminate()
             proc.wait()
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     predictor = Predictor.from_pretrained(args.weights)
     alone = predict_cpu_ms(predictor, images, args.requests)
     contended = with_gil_contention(lambda: predict_cpu_ms(predictor, images, args.requests))
-    print(f"server CPU per /predict answer, one request at a time: {server_ms:.1f} ms")
+    print(f"server CPU per /predict answer, one request at a time: {server_ms:.1f} ms ({faults:.0f} page faults)")
     print(f"in-process predict(explain=True), one thread:          {alone:.1f} ms CPU")
     print(f"the same while another thread wants the GIL:           {contended:.1f} ms CPU")
     return 0

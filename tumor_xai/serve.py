@@ -142,16 +142,25 @@ def _trim_heap() -> None:
         libc.malloc_trim(0)
 
 
-def tune_malloc(mmap_threshold: int = 4 << 20, arenas: int = 2) -> bool:
-    """glibc only: blocks of ``mmap_threshold`` bytes and more (decoded photos) go back to the system when
-    freed, and threads share ``arenas`` heaps. Without it, glibc raises its threshold after the first large
-    free and a server that decoded a few 6000 px images kept a gigabyte it no longer used. False elsewhere.
+def tune_malloc(
+    mmap_threshold: int = 4 << 20, arenas: int = 2, trim_threshold: int = 64 << 20, top_pad: int = 16 << 20
+) -> bool:
+    """glibc only: blocks of ``mmap_threshold`` bytes and more that the heap cannot serve (decoded photos) go
+    back to the system when freed, threads share ``arenas`` heaps, and each heap keeps up to
+    ``trim_threshold`` bytes of freed memory (growing by ``top_pad`` extra) for the next request. False
+    elsewhere.
+
+    Without the first two, glibc raises its threshold after the first large free and a server that decoded
+    a few 6000 px images kept a gigabyte it no longer used. Fixing the threshold also fixes glibc's trim
+    threshold at 128 kB, so each prediction's freed activations went back to the system and the next one
+    faulted them in again: 10 000 page faults and 18 ms of system CPU per answer, the server's CPU per
+    request 1.6 x an in-process call instead of 1.25 x (``benchmarks/load.py``).
     """
     libc = _glibc()
     if libc is None:
         return False
-    m_mmap_threshold, m_arena_max = -3, -8  # from glibc's malloc.h
-    return bool(libc.mallopt(m_mmap_threshold, mmap_threshold)) and bool(libc.mallopt(m_arena_max, arenas))
+    settings = {-1: trim_threshold, -2: top_pad, -3: mmap_threshold, -8: arenas}  # M_* from glibc's malloc.h
+    return all(libc.mallopt(option, value) == 1 for option, value in settings.items())
 
 
 def install_shutdown(folder: Path) -> None:
