@@ -160,7 +160,8 @@ def tune_malloc(
     if libc is None:
         return False
     settings = {-1: trim_threshold, -2: top_pad, -3: mmap_threshold, -8: arenas}  # M_* from glibc's malloc.h
-    return all(libc.mallopt(option, value) == 1 for option, value in settings.items())
+    applied = [libc.mallopt(option, value) == 1 for option, value in settings.items()]  # each, even after a refusal
+    return all(applied)
 
 
 def install_shutdown(folder: Path) -> None:
