@@ -68,6 +68,29 @@ def test_init_fine_tunes_from_weights_and_refuses_a_leaking_split(trained, tiny_
     assert "--seed 0" in capsys.readouterr().err and not bad.exists()
 
 
+def test_ema_ships_the_average_and_resumes_it(trained, tiny_dataset, tmp_path, capsys):
+    from tumor_xai.checkpoint import load_weights
+
+    out = tmp_path / "ema"
+    args = ["--data", str(tiny_dataset), "--out", str(out), *SMOKE, "--init", str(trained), "--ema", "0.9"]
+    assert main([*args, "--epochs", "2"]) == 0
+    log = json.loads((out / "log.json").read_text())
+    assert {"val_acc", "val_acc_raw"} <= set(log[-1])
+    state = load_weights(out / "best").model.state_dict()
+    raw = load_weights(out / "last").model.state_dict()
+    # best/ (an epoch validation scored) holds the average, which trails the trained weights.
+    assert any(not state[k].equal(raw[k]) for k in state if state[k].is_floating_point())
+    assert main([*args, "--epochs", "3", "--resume"]) == 0
+    assert [e["epoch"] for e in json.loads((out / "log.json").read_text())] == [1, 2, 3]
+    # A run trained without an average cannot resume with one: there is no average to continue.
+    import shutil
+
+    plain = tmp_path / "plain"
+    shutil.copytree(trained, plain)
+    resumed = ["--data", str(tiny_dataset), "--out", str(plain), *SMOKE, "--epochs", "3", "--resume", "--ema", "0.9"]
+    assert main(resumed) == 2 and "--ema 0.0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [
@@ -76,6 +99,7 @@ def test_init_fine_tunes_from_weights_and_refuses_a_leaking_split(trained, tiny_
         (["--epochs", "0"], "--epochs"),
         (["--val-fraction", "0.7"], "--val-fraction"),
         (["--resume"], "--resume"),
+        (["--ema", "1"], "--ema"),
     ],
 )
 def test_bad_arguments_fail_before_any_work(tiny_dataset, tmp_path, capsys, extra, message):

@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from tumor_xai import __version__, attention, inference
@@ -92,6 +93,7 @@ class TrainConfig:
     head_loss_weight: float = 0.0
     lesion_erase: float = 0.0  # probability per masked image
     erase_target: str = "uniform"  # "uniform" (not confident) or "notumor"
+    ema: float = 0.0  # per-step decay of a moving average of the weights (0: off); validation and best/ use it
 
 
 # --------------------------------------------------------------------------- set-up
@@ -113,6 +115,10 @@ def check_config(cfg: TrainConfig) -> None:
             raise ValueError(f"{flag} must be >= 0, got {value}")
     if not cfg.cam_warmup_epochs >= 0:
         raise ValueError(f"--cam-warmup-epochs must be >= 0, got {cfg.cam_warmup_epochs}")
+    if not 0.0 <= cfg.ema < 1.0:
+        raise ValueError(
+            f"--ema is a decay per step in [0, 1) (0: off; 0.999 averages about 1000 steps), got {cfg.ema}"
+        )
     if not 0.0 <= cfg.lesion_erase <= 1.0:
         raise ValueError(f"--lesion-erase is a probability in [0, 1], got {cfg.lesion_erase}")
     if cfg.cam_loss not in attention.CAM_LOSSES:
@@ -142,6 +148,12 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.resume:
         if not (out / "last" / "train_state.pt").is_file():
             raise ValueError(f"--resume: {out}/last/train_state.pt not found; start without --resume")
+        try:
+            kept = json.loads((out / "config.json").read_text()).get("ema", 0.0)
+        except (OSError, ValueError):
+            kept = None
+        if kept is not None and (kept > 0) != (cfg.ema > 0):
+            raise ValueError(f"--resume: {out} was trained with --ema {kept}; resume it with --ema {kept}")
     elif out.exists() and any(out.iterdir()):
         raise ValueError(f"output folder {out} is not empty; choose a new --out or pass --resume")
 
@@ -449,6 +461,17 @@ def build_optimizer(
     return optimizer, scheduler
 
 
+def make_average(cfg: TrainConfig, model: nn.Module) -> AveragedModel | None:
+    """With ``--ema D``, an exponential moving average of the weights and BatchNorm statistics (decay D per step).
+
+    The average is what validation scores and what ``best/`` and the shipped weights hold: it sits in the
+    middle of the last few hundred steps' wander, which usually generalises better than the last step.
+    """
+    if cfg.ema <= 0:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+
+
 class FeaturesAndLogits(nn.Module):
     """The ResNet's forward returning ``(layer4 map, logits)``, so DDP sees the pass the CAM loss uses."""
 
@@ -595,14 +618,17 @@ def shard_order(ctx: RunContext, n: int, epoch: int) -> torch.Tensor:
     return perm[ctx.rank * per_rank : (ctx.rank + 1) * per_rank].to(ctx.device)
 
 
-def train_one_epoch(ctx: RunContext, model: nn.Module, optimizer, scheduler, data: Split, epoch: int) -> dict:
+def train_one_epoch(
+    ctx: RunContext, model: nn.Module, optimizer, scheduler, data: Split, epoch: int, average: AveragedModel | None
+) -> dict:
     """One pass over this process's shard; ``model`` returns ``(layer4 map, logits)`` (:func:`wrap_for_training`)."""
     cfg = ctx.cfg
     model.train()
     mine = shard_order(ctx, len(data), epoch)
     aug_g = torch.Generator(device=ctx.device).manual_seed(cfg.seed * 1_000_003 + epoch * 101 + ctx.rank)
     aug = AugmentConfig(**cfg.augment)
-    fc_weight = (model.module if hasattr(model, "module") else model).model.fc.weight
+    base = (model.module if hasattr(model, "module") else model).model
+    fc_weight = base.fc.weight
     steps = math.ceil(len(mine) / cfg.batch_size)
     meter = EpochMeter(ctx.device)
     desc = f"epoch {epoch + 1}/{cfg.epochs}"
@@ -618,6 +644,8 @@ def train_one_epoch(ctx: RunContext, model: nn.Module, optimizer, scheduler, dat
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if average is not None:
+            average.update_parameters(base)
         meter.add(loss, logits, batch.y, parts)
         if ctx.main_process and (i % 10 == 0 or i == steps - 1):
             bar.set_postfix(**meter.postfix())
@@ -658,19 +686,32 @@ def monitor_localization(ctx: RunContext, model: nn.Module, data: Split) -> dict
 
 
 def run_epoch(
-    ctx: RunContext, net: nn.Module, model: nn.Module, optimizer, scheduler, run: RunData, epoch: int
+    ctx: RunContext,
+    net: nn.Module,
+    model: nn.Module,
+    optimizer,
+    scheduler,
+    run: RunData,
+    epoch: int,
+    average: AveragedModel | None = None,
 ) -> dict:
-    """Train one epoch, then score the validation carve-out (and the heatmaps of its masked images)."""
+    """Train one epoch, then score the validation carve-out (and the heatmaps of its masked images).
+
+    With a weight average the figures are the average's; the trained weights' own accuracy is ``val_acc_raw``.
+    """
     if ctx.device.type == "cuda":
         torch.cuda.synchronize()
     t = time.time()
-    stats = train_one_epoch(ctx, net, optimizer, scheduler, run.train, epoch)
+    stats = train_one_epoch(ctx, net, optimizer, scheduler, run.train, epoch, average)
     if ctx.device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.time() - t
-    stats.update(evaluate(ctx, model, run.val))
+    scored = model if average is None else average.module
+    stats.update(evaluate(ctx, scored, run.val))
+    if average is not None and len(run.val):
+        stats["val_acc_raw"] = evaluate(ctx, model, run.val)["val_acc"]
     if ctx.main_process and run.val_masked is not None:
-        stats.update(monitor_localization(ctx, model, run.val_masked))
+        stats.update(monitor_localization(ctx, scored, run.val_masked))
     stats.update(
         epoch=epoch + 1,
         seconds=round(dt, 2),
@@ -692,8 +733,8 @@ class Progress:
     log: list = field(default_factory=list)
 
 
-def resume(ctx: RunContext, model: nn.Module, optimizer, scheduler) -> Progress:
-    """With ``--resume``, load ``OUT/last``'s weights, optimiser, schedule and log; else a fresh start."""
+def resume(ctx: RunContext, model: nn.Module, optimizer, scheduler, average: AveragedModel | None) -> Progress:
+    """With ``--resume``, load ``OUT/last``'s weights, optimiser, schedule, average and log; else a fresh start."""
     if not ctx.cfg.resume:
         return Progress()
     last = ctx.out / "last"
@@ -701,14 +742,18 @@ def resume(ctx: RunContext, model: nn.Module, optimizer, scheduler) -> Progress:
     state = torch.load(last / "train_state.pt", map_location=ctx.device, weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if average is not None:  # check_config made sure the run kept one
+        average.load_state_dict(state["average"])
     progress = Progress(state["epoch"] + 1, state["best"], state["log"])
     if ctx.main_process:
         logger.info("resuming after epoch %d (best val acc %.4f)", progress.start_epoch, progress.best["val_acc"])
     return progress
 
 
-def save_state(path: Path, optimizer, scheduler, epoch: int, best: dict, log: list) -> None:
-    """Optimiser and schedule state for --resume (tensors and plain values only: loads with weights_only)."""
+def save_state(
+    path: Path, optimizer, scheduler, epoch: int, best: dict, log: list, average: AveragedModel | None = None
+) -> None:
+    """Optimiser, schedule and average state for --resume (tensors and plain values only: loads with weights_only)."""
     buf = io.BytesIO()
     state = {
         "optimizer": optimizer.state_dict(),
@@ -717,6 +762,8 @@ def save_state(path: Path, optimizer, scheduler, epoch: int, best: dict, log: li
         "best": best,
         "log": log,
     }
+    if average is not None:
+        state["average"] = average.state_dict()
     torch.save(state, buf)
     atomic_write_bytes(path, buf.getvalue())
 
@@ -727,15 +774,29 @@ def _improved(stats: dict, best: dict) -> bool:
     return acc > best["val_acc"] or (acc == best["val_acc"] and loss <= best["val_loss"])
 
 
-def save_checkpoint(ctx: RunContext, model: nn.Module, optimizer, scheduler, progress: Progress, meta: dict) -> None:
-    """After an epoch: ``best/`` when validation improved, ``last/`` with the state for --resume, ``log.json``."""
+def save_checkpoint(
+    ctx: RunContext,
+    model: nn.Module,
+    optimizer,
+    scheduler,
+    progress: Progress,
+    meta: dict,
+    average: AveragedModel | None = None,
+) -> None:
+    """After an epoch: ``best/`` when validation improved, ``last/`` with the state for --resume, ``log.json``.
+
+    ``best/`` holds the weights validation scored: the average when there is one.
+    """
     stats = progress.log[-1]
     epoch = stats["epoch"]
     if _improved(stats, progress.best):
         progress.best = {"val_acc": stats.get("val_acc", 0.0), "val_loss": stats.get("val_loss", 0.0), "epoch": epoch}
-        save_weights(model, ctx.out / "best", {**meta, "metrics": {"best_epoch": progress.best}})
+        scored = model if average is None else average.module
+        save_weights(scored, ctx.out / "best", {**meta, "metrics": {"best_epoch": progress.best}})
     save_weights(model, ctx.out / "last", {**meta, "metrics": {"epoch": epoch}})
-    save_state(ctx.out / "last" / "train_state.pt", optimizer, scheduler, epoch - 1, progress.best, progress.log)
+    save_state(
+        ctx.out / "last" / "train_state.pt", optimizer, scheduler, epoch - 1, progress.best, progress.log, average
+    )
     atomic_write_bytes(ctx.out / "log.json", (json.dumps(progress.log, indent=1) + "\n").encode())
 
 
@@ -818,7 +879,8 @@ def train(cfg: TrainConfig, data: TrainingData | None = None) -> Path:
     run = place_data(ctx, _check_data(ctx, data))
     model = create_model(ctx, run)
     optimizer, scheduler = build_optimizer(ctx, model, len(run.train))
-    progress = resume(ctx, model, optimizer, scheduler)
+    average = make_average(cfg, model)
+    progress = resume(ctx, model, optimizer, scheduler, average)
     net = wrap_for_training(ctx, model)
     meta = weights_metadata(cfg, run.class_names, ctx.pre, run.fingerprint)
     meta["training"]["device"] = ctx.device.type  # what ran, not what was asked ("auto")
@@ -827,9 +889,9 @@ def train(cfg: TrainConfig, data: TrainingData | None = None) -> Path:
         atomic_write_bytes(ctx.out / "config.json", (json.dumps(asdict(cfg), indent=2) + "\n").encode())
 
     for epoch in range(progress.start_epoch, cfg.epochs):
-        progress.log.append(run_epoch(ctx, net, model, optimizer, scheduler, run, epoch))
+        progress.log.append(run_epoch(ctx, net, model, optimizer, scheduler, run, epoch, average))
         if ctx.main_process:
-            save_checkpoint(ctx, model, optimizer, scheduler, progress, meta)
+            save_checkpoint(ctx, model, optimizer, scheduler, progress, meta, average)
             stats = progress.log[-1].items()
             logger.info(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in stats))
 
@@ -890,6 +952,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--screening-sensitivity", type=float, default=d.screening_sensitivity)
     p.add_argument("--half", action="store_true", help="store the final weights as float16 (half the size)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
+    p.add_argument(
+        "--ema",
+        type=float,
+        default=d.ema,
+        help="keep a moving average of the weights with this decay per step (e.g. 0.998) and ship it (0: off)",
+    )
     _add_guidance_arguments(p.add_argument_group("augmentation and attention guidance"), d)
     return p
 
