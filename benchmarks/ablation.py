@@ -34,7 +34,7 @@ import torch
 from tumor_xai import attention, inference
 from tumor_xai import evaluate as _evaluate  # noqa: F401  (evaluation subprocesses need it: fail before training)
 from tumor_xai.checkpoint import LoadedWeights, load_weights
-from tumor_xai.data import split_train_val
+from tumor_xai.data import carve_out_seed, split_train_val
 from tumor_xai.explain import DEFAULT_LAYER, DEFAULT_METHOD
 from tumor_xai.preprocess import quantize
 from tumor_xai.stress import CORRUPTIONS, corrupt
@@ -69,7 +69,8 @@ def variant_args(name: str, masks: str) -> list[str]:
 def validation_split(weights: LoadedWeights, data, cfg) -> tuple[np.ndarray, np.ndarray | None]:
     """The validation carve-out's indices into ``data`` and, with masks, which of them are masked tumour
     slices (the heatmap scores' subset; None without masks)."""
-    _, val_idx = split_train_val(data.decoded.labels, data.decoded.thumbs, cfg.val_fraction, cfg.seed)
+    seed = carve_out_seed(vars(cfg))
+    _, val_idx = split_train_val(data.decoded.labels, data.decoded.thumbs, cfg.val_fraction, seed)
     if data.masks is None:
         return val_idx, None
     return val_idx, data.masks.has_mask[val_idx] & (data.decoded.labels[val_idx] != weights.decision.negative_index)

@@ -2,11 +2,13 @@
 
     python benchmarks/compare_validation.py --data DATA --masks MASKS weights/ runs/candidate [...]
 
-Every folder is scored on the same carve-out (the first folder's ``--seed`` and ``--val-fraction``,
-which ``train --init`` keeps): accuracy, accuracy under each stress test, and the approximate pointing
-game and heat-in-mask of the default heatmap on the masked validation slices. A candidate ships only
-if it is at least as good as the shipped weights on accuracy and on the worst stress test; the exit
-status says whether the last folder passes that gate against the first (0 yes, 1 no).
+Every folder is scored on the same carve-out (the first folder's ``--split-seed`` or ``--seed`` and its
+``--val-fraction``, which ``train --init`` keeps and other training seeds share with ``--split-seed``):
+accuracy, accuracy under each stress test, and the approximate pointing game and heat-in-mask of the
+default heatmap on the masked validation slices. A folder trained on another carve-out is refused (it
+has trained on some of these images). A candidate ships only if it is at least as good as the shipped
+weights on accuracy and on the worst stress test; the exit status says whether the last folder passes
+that gate against the first (0 yes, 1 no, 2 refused).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from ablation import validation_scores, validation_split
 
 from tumor_xai import inference
 from tumor_xai.checkpoint import LoadedWeights, load_weights
+from tumor_xai.data import carve_out_seed
 from tumor_xai.evaluate import score_heatmap
 from tumor_xai.explain import DEFAULT_LAYER, explain_batch
 from tumor_xai.train import TrainConfig, load_training_data
@@ -85,9 +88,19 @@ def main() -> int:
         data=args.data,
         masks=args.masks,
         image_size=ref.preprocess.input_size,
-        seed=trained.get("seed", 0),
+        seed=carve_out_seed(trained),
         val_fraction=trained.get("val_fraction", TrainConfig.val_fraction),
     )
+    for name, w in loaded.items():
+        theirs = w.metadata.get("training") or {}
+        if carve_out_seed(theirs) != cfg.seed or theirs.get("val_fraction", cfg.val_fraction) != cfg.val_fraction:
+            print(
+                f"error: {name} kept out another validation carve-out (seed {carve_out_seed(theirs)}) than "
+                f"{args.weights[0]} (seed {cfg.seed}): it trained on some of these validation images, so the "
+                f"comparison would flatter it; train it with --split-seed {cfg.seed}",
+                file=sys.stderr,
+            )
+            return 2
     data = load_training_data(cfg, fingerprint=False)
     scores = {name: validation_scores(w, data, cfg) for name, w in loaded.items()}
     specs = [h.strip() for h in args.heatmaps.split(",") if h.strip()]

@@ -25,6 +25,7 @@ EPOCHS=${EPOCHS:-100}
 IMAGE_SIZE=${IMAGE_SIZE:-224}
 BATCH_SIZE=${BATCH_SIZE:-128}
 ARCH=${ARCH:-resnet18}
+SPLIT_SEED=${SPLIT_SEED:-0}  # every run keeps out the shipped weights' carve-out: compared, and gated, on one set
 PART_SIZE=${PART_SIZE:-15M}  # the device returns files of at most 16 MiB
 DEVICE=${DEVICE:-cuda}
 BUDGET_MIN=${BUDGET_MIN:-7}
@@ -75,7 +76,8 @@ set +e
 "$PYTHON" benchmarks/ablation.py --data "$DATA" --masks "$MASKS" --out "$RUNS" \
   --variants "$VARIANTS" --seeds "$SEEDS" --extra-seeds "$EXTRA_SEEDS" --epochs "$EPOCHS" \
   --image-size "$IMAGE_SIZE" --batch-size "$BATCH_SIZE" --device "$DEVICE" --budget-min "$BUDGET_MIN" \
-  --eval-workers "$EVAL_WORKERS" --eval-device "$eval_device" --train-arg=--half --train-arg=--arch="$ARCH" 2>&1 | tee "$OUT/ablation.log"
+  --eval-workers "$EVAL_WORKERS" --eval-device "$eval_device" --train-arg=--half --train-arg=--arch="$ARCH" \
+  --train-arg=--split-seed="$SPLIT_SEED" 2>&1 | tee "$OUT/ablation.log"
 status=${PIPESTATUS[0]}
 set -e
 

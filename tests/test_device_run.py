@@ -55,6 +55,8 @@ def test_device_script_trains_picks_by_validation_and_returns_loadable_weights(t
     assert summary["ship"] in {r["run"] for r in best_runs}
     assert all(0 <= r["pointing"] <= 1 and 0 <= r["heat_in_mask"] <= 1 for r in best_runs)
     assert json.loads((runs / "cam+strong" / "seed0" / "config.json").read_text())["cam_loss_weight"] == 1.0
+    # Every seed keeps out seed 0's carve-out (the shipped weights'), so the median is chosen, and gated, on one set.
+    assert json.loads((runs / "cam+strong" / "seed1" / "config.json").read_text())["split_seed"] == 0
     assert "| cam+strong | 2 |" in (out / "summary.md").read_text()  # variant, runs, ...
 
     # The parts reassemble into weights that the app's loader accepts.

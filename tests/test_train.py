@@ -66,6 +66,36 @@ def test_init_fine_tunes_from_weights_and_refuses_a_leaking_split(trained, tiny_
     bad = tmp_path / "leak"
     assert main(["--data", str(tiny_dataset), "--out", str(bad), *SMOKE, "--init", str(trained), "--seed", "1"]) == 2
     assert "--seed 0" in capsys.readouterr().err and not bad.exists()
+    # ... unless it keeps the start's carve-out: another training seed on the same validation images.
+    other = tmp_path / "seed1"
+    assert (
+        main(
+            [
+                "--data",
+                str(tiny_dataset),
+                "--out",
+                str(other),
+                *SMOKE,
+                "--init",
+                str(trained),
+                "--seed",
+                "1",
+                "--split-seed",
+                "0",
+            ]
+        )
+        == 0
+    )
+    assert json.loads((other / "model.json").read_text())["training"]["split_seed"] == 0
+
+
+def test_carve_out_seed_is_the_split_seed_when_given():
+    from tumor_xai.data import carve_out_seed
+
+    assert carve_out_seed({"seed": 3}) == 3
+    assert carve_out_seed({"seed": 3, "split_seed": None}) == 3
+    assert carve_out_seed({"seed": 3, "split_seed": 0}) == 0
+    assert carve_out_seed({}) == 0  # weights from before the option: seed 0's carve-out
 
 
 def test_ema_ships_the_average_and_resumes_it(trained, tiny_dataset, tmp_path, capsys):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ __all__ = [
     "DecodedSplit",
     "KaggleDataset",
     "Sample",
+    "carve_out_seed",
     "decode_samples",
     "discover",
     "read_mask",
@@ -168,6 +170,13 @@ def decode_samples(samples: list[Sample], size: int, skip_unreadable: bool = Fal
         paths=[s.path for s, _ in keep],
         skipped=skipped,
     )
+
+
+def carve_out_seed(training: Mapping) -> int:
+    """The seed of a run's validation carve-out from its training configuration: ``split_seed`` when
+    set, else ``seed`` (so runs of several training seeds can share, and be compared on, one carve-out)."""
+    split_seed = training.get("split_seed")
+    return int(split_seed if split_seed is not None else training.get("seed", 0))
 
 
 def split_train_val(

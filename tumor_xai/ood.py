@@ -386,12 +386,12 @@ class CarveOut:
 
 def carve_out(weights, data: Path) -> CarveOut:
     """Decode ``data``'s Training split and split it as the weights' training did (else a seeded 10 %)."""
-    from tumor_xai.data import decode_samples, discover, split_train_val
+    from tumor_xai.data import carve_out_seed, decode_samples, discover, split_train_val
 
     dataset = discover(data, splits=("Training",))
     training = weights.metadata.get("training") or {}
     fraction = float(training.get("val_fraction", 0.1))
-    seed = int(training.get("seed", 0))
+    seed = carve_out_seed(training)
     split = decode_samples(dataset.splits["Training"], weights.preprocess.input_size, skip_unreadable=True)
     train_idx, val_idx = split_train_val(split.labels, split.thumbs, fraction, seed)
     return CarveOut(

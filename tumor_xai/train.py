@@ -49,7 +49,7 @@ from tqdm import tqdm
 from tumor_xai import __version__, attention, inference
 from tumor_xai.augment import PRESETS, AugmentConfig, augment, augment_pair, head_region
 from tumor_xai.checkpoint import NEGATIVE_CLASS, atomic_write_bytes, load_weights, save_weights
-from tumor_xai.data import DataError, DecodedSplit, decode_samples, discover, split_train_val
+from tumor_xai.data import DataError, DecodedSplit, carve_out_seed, decode_samples, discover, split_train_val
 from tumor_xai.model import ARCHITECTURES, build_model, check_input_size, features_and_logits
 from tumor_xai.preprocess import PreprocessConfig, normalize
 
@@ -76,6 +76,7 @@ class TrainConfig:
     warmup_epochs: float = 3.0
     label_smoothing: float = 0.1
     seed: int = 0
+    split_seed: int | None = None  # seed of the validation carve-out (None: seed), so several seeds can share one
     val_fraction: float = 0.1
     device: str = "auto"
     amp: str = "auto"  # bf16 autocast: "auto" (on where the device supports it), "bf16", "off"
@@ -174,12 +175,18 @@ def check_init(cfg: TrainConfig) -> None:
     if meta.get("arch") != cfg.arch:
         raise ValueError(f"--init {cfg.init} holds a {meta.get('arch')}, but --arch is {cfg.arch}")
     trained = meta.get("training") or {}
-    for key, flag in (("seed", "--seed"), ("val_fraction", "--val-fraction")):
-        if key in trained and trained[key] != getattr(cfg, key):
-            raise ValueError(
-                f"--init {cfg.init} was trained with {flag} {trained[key]}, this run has {getattr(cfg, key)}: "
-                f"its validation images would be in this run's training set; use {flag} {trained[key]}"
-            )
+    theirs, ours = carve_out_seed(trained), carve_out_seed(vars(cfg))
+    if theirs != ours:
+        raise ValueError(
+            f"--init {cfg.init} kept out the validation carve-out of seed {theirs}, this run's is seed {ours}: "
+            f"its validation images would be in this run's training set; use --seed {theirs} or --split-seed {theirs}"
+        )
+    if "val_fraction" in trained and trained["val_fraction"] != cfg.val_fraction:
+        raise ValueError(
+            f"--init {cfg.init} was trained with --val-fraction {trained['val_fraction']}, this run has "
+            f"{cfg.val_fraction}: its validation images would be in this run's training set; "
+            f"use --val-fraction {trained['val_fraction']}"
+        )
 
 
 def _cpu_has_bf16() -> bool:
@@ -353,7 +360,7 @@ class RunData:
 def place_data(ctx: RunContext, data: TrainingData) -> RunData:
     """Carve out the validation images and put images, labels (and masks) on the device as uint8."""
     cfg, decoded = ctx.cfg, data.decoded
-    train_idx, val_idx = split_train_val(decoded.labels, decoded.thumbs, cfg.val_fraction, cfg.seed)
+    train_idx, val_idx = split_train_val(decoded.labels, decoded.thumbs, cfg.val_fraction, carve_out_seed(vars(cfg)))
     images = torch.from_numpy(decoded.images).unsqueeze(1).to(ctx.device)
     labels = torch.from_numpy(decoded.labels).to(ctx.device)
     run = RunData(
@@ -938,6 +945,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
     p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--split-seed",
+        type=int,
+        default=None,
+        help="seed of the validation carve-out (default: --seed); give several seeds one carve-out to compare them on",
+    )
     p.add_argument("--val-fraction", type=float, default=d.val_fraction)
     p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
     p.add_argument("--amp", default=d.amp, choices=["auto", "bf16", "off"])
