@@ -35,6 +35,7 @@ from tumor_xai import attention, inference
 from tumor_xai import evaluate as _evaluate  # noqa: F401  (evaluation subprocesses need it: fail before training)
 from tumor_xai.checkpoint import LoadedWeights, load_weights
 from tumor_xai.data import carve_out_seed, split_train_val
+from tumor_xai.duplicates import group_ids, near_duplicate_pairs
 from tumor_xai.explain import DEFAULT_LAYER, DEFAULT_METHOD
 from tumor_xai.preprocess import quantize
 from tumor_xai.stress import CORRUPTIONS, corrupt
@@ -76,6 +77,16 @@ def validation_split(weights: LoadedWeights, data, cfg) -> tuple[np.ndarray, np.
     return val_idx, data.masks.has_mask[val_idx] & (data.decoded.labels[val_idx] != weights.decision.negative_index)
 
 
+def distinct_accuracy(right: np.ndarray, thumbs: np.ndarray) -> float:
+    """Accuracy with each near-duplicate group counted once (the mean over groups of their mean).
+
+    The carve-out keeps a group on one side, so a slice stored three times counts three times in the
+    plain accuracy; this figure says how many distinct images the errors are.
+    """
+    groups = group_ids(len(right), near_duplicate_pairs(thumbs))
+    return float(np.mean([right[groups == g].mean() for g in np.unique(groups)]))
+
+
 def validation_scores(weights: LoadedWeights, data, cfg) -> dict:
     """What the recipe is chosen on: the run's own validation carve-out (never the Testing split).
 
@@ -88,7 +99,12 @@ def validation_scores(weights: LoadedWeights, data, cfg) -> dict:
     squares, labels = data.decoded.images[val_idx], torch.from_numpy(data.decoded.labels[val_idx])
     out = inference.forward(model, squares, pre, keep_maps=True)
     fmap, logits = out.fmap, out.logits
-    scores = {"val_acc": (logits.argmax(1) == labels).float().mean().item(), "val_n": len(val_idx)}
+    right = (logits.argmax(1) == labels).numpy()
+    scores = {
+        "val_acc": float(right.mean()),
+        "val_acc_distinct": distinct_accuracy(right, data.decoded.thumbs[val_idx]),
+        "val_n": len(val_idx),
+    }
     stress = {}
     for name in CORRUPTIONS:
         bad = np.stack([quantize(corrupt(name, sq.astype(np.float32) / 255.0, seed=i)) for i, sq in enumerate(squares)])

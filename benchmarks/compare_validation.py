@@ -4,11 +4,12 @@
 
 Every folder is scored on the same carve-out (the first folder's ``--split-seed`` or ``--seed`` and its
 ``--val-fraction``, which ``train --init`` keeps and other training seeds share with ``--split-seed``):
-accuracy, accuracy under each stress test, and the approximate pointing game and heat-in-mask of the
-default heatmap on the masked validation slices. A folder trained on another carve-out is refused (it
-has trained on some of these images). A candidate ships only if it is at least as good as the shipped
-weights on accuracy and on the worst stress test; the exit status says whether the last folder passes
-that gate against the first (0 yes, 1 no, 2 refused).
+accuracy (also with each near-duplicate group counted once: the carve-out keeps a group on one side,
+so one misread slice stored three times costs three images), accuracy under each stress test, and the
+approximate pointing game and heat-in-mask of the default heatmap on the masked validation slices. A
+folder trained on another carve-out is refused (it has trained on some of these images). A candidate
+ships only if it is at least as good as the shipped weights on accuracy and on the worst stress test;
+the exit status says whether the last folder passes that gate against the first (0 yes, 1 no, 2 refused).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from tumor_xai.train import TrainConfig, load_training_data
 
 ROWS = [
     ("val_acc", "accuracy"),
+    ("val_acc_distinct", "accuracy, near-duplicates counted once"),
     ("val_stress_min", "worst stress accuracy"),
     ("val_pointing", "pointing game (masked slices)"),
     ("val_heat_in_mask", "heat in mask"),
