@@ -183,6 +183,7 @@ def _fmt(values: list[float], pct: bool = True) -> str:
 # Chosen on these (the run's validation carve-out) ...
 VAL_COLUMNS = [
     ("val_acc", "val acc %"),
+    ("val_acc_distinct", "val acc, near-duplicates once %"),
     ("val_stress_min", "val worst stress %"),
     ("val_pointing", "val pointing %"),
     ("val_heat_in_mask", "val heat in mask %"),
@@ -240,6 +241,12 @@ def write_summary(out: Path, rows: list[dict], meta: dict) -> None:
         )
         + "\n"
     )
+    shared = meta.get("carve_outs", [None])
+    where = (
+        f"one carve-out, split seed {shared[0]}, shared by every run"
+        if len(shared) == 1 and shared[0] is not None
+        else "each run's own carve-out"
+    )
     lines = [
         "# Ablation: attention guidance and acquisition robustness",
         "",
@@ -247,7 +254,7 @@ def write_summary(out: Path, rows: list[dict], meta: dict) -> None:
         f"Heatmap: {HEATMAP[0]} on {HEATMAP[1]}, true class, on the masked Testing slices. Mean ± sd over seeds. "
         f"Worst stress = the lowest accuracy over all {len(BAR_STRESS)} stress tests.",
         "",
-        "Chosen by validation (each run's own carve-out; shortfall = sum of the distances below "
+        f"Chosen by validation ({where}; shortfall = sum of the distances below "
         + ", ".join(f"{k} {v:g}" for k, v in SELECTION_BARS.items())
         + f"; lower is better). Best: **{best_variant(per_variant) or '-'}**.",
         "",
@@ -369,6 +376,7 @@ def main() -> int:
         "batch_size": args.batch_size,
         "seeds": args.seeds,
         "variants": args.variants,
+        "carve_outs": sorted({carve_out_seed(vars(c)) for _, _, c in configs}),
         "command": " ".join(sys.argv),
     }
     started = time.time()

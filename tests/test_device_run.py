@@ -58,6 +58,7 @@ def test_device_script_trains_picks_by_validation_and_returns_loadable_weights(t
     # Every seed keeps out seed 0's carve-out (the shipped weights'), so the median is chosen, and gated, on one set.
     assert json.loads((runs / "cam+strong" / "seed1" / "config.json").read_text())["split_seed"] == 0
     assert "| cam+strong | 2 |" in (out / "summary.md").read_text()  # variant, runs, ...
+    assert "split seed 0, shared by every run" in (out / "summary.md").read_text()
 
     # The parts reassemble into weights that the app's loader accepts.
     unpack = subprocess.run(
