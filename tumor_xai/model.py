@@ -17,10 +17,11 @@ class TinyResNet(models.ResNet):
 
     Same module names and forward as the real ones (``conv1`` ... ``layer4``, ``avgpool``, ``fc``),
     so every code path (training, Grad-CAM, OOD features) runs on it in milliseconds: for tests and
-    smoke runs, not for accuracy.
+    smoke runs, not for accuracy. The first stage is 8 channels wide: with 4, oneDNN's channels-last
+    convolution backward in torch 2.14.1 corrupts the CPU heap (the process aborts after a few steps).
     """
 
-    def __init__(self, weights: None = None, widths: tuple[int, ...] = (4, 8, 16, 32), num_classes: int = 1000):
+    def __init__(self, weights: None = None, widths: tuple[int, ...] = (8, 8, 16, 32), num_classes: int = 1000):
         nn.Module.__init__(self)  # ResNet.__init__ would build the 64..512-channel stages first
         self._norm_layer, self.dilation, self.groups, self.base_width = nn.BatchNorm2d, 1, 1, 64
         self.inplanes = widths[0]
