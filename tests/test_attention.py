@@ -23,7 +23,8 @@ from tumor_xai.attention import (
     pointing_hits,
 )
 from tumor_xai.data import DataError, discover
-from tumor_xai.train import guidance_ramp, main
+from tumor_xai.schedule import guidance_ramp
+from tumor_xai.train import main
 
 SMOKE = ["--epochs", "1", "--image-size", "64", "--batch-size", "8", "--device", "cpu", "--arch", "resnet_tiny"]
 
@@ -193,7 +194,7 @@ def _train_tiny(cam_weight: float, steps: int = 120) -> dict:
         fmap, logits = net(x[i])
         loss = F.cross_entropy(logits, y[i])
         if cam_weight:
-            # the same warm-up as training: classifier first, then the map (tumor_xai.train.guidance_ramp)
+            # the same warm-up as training: classifier first, then the map (tumor_xai.schedule.guidance_ramp)
             per = cam_mask_loss(fmap, net.fc.weight, y[i], m[i])
             sel = y[i] == 1
             loss = loss + guidance_ramp(step / 40, 2.0) * cam_weight * (per * sel).sum() / sel.sum().clamp_min(1)

@@ -6,6 +6,7 @@ from dataclasses import fields
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tumor_xai.augment import (
     PRESETS,
@@ -15,6 +16,9 @@ from tumor_xai.augment import (
     erase_lesions,
     gaussian_blur,
     head_region,
+    histogram_match,
+    jpeg_roundtrip,
+    paste_lesions,
     photometric,
 )
 from tumor_xai.train import config_from_args, get_args_parser
@@ -56,7 +60,7 @@ def test_overrides_are_checked():
         AugmentConfig().with_overrides({"noise": -0.1})
 
 
-@pytest.mark.parametrize("recipe", ["basic", "strong", "none"])
+@pytest.mark.parametrize("recipe", ["basic", "strong", "collections", "none"])
 def test_shapes_dtype_and_range(recipe):
     images, masks = _head_batch()
     cfg = AugmentConfig.preset(recipe)
@@ -156,3 +160,76 @@ def test_cli_switches_recipe_and_single_strengths():
         _cfg("--aug-set", "sharpness=2")
     with pytest.raises(SystemExit):
         _cfg("--aug-set", "invert")
+
+
+# ------------------------------------------------------------------------------- other collections
+
+
+def _empty_heads(n: int = 4, size: int = 64) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    disc = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (0.42 * size) ** 2).float()
+    return (disc * 0.35).expand(n, 1, size, size).clone()
+
+
+def test_paste_puts_the_donor_lesion_inside_the_host_head_with_its_mask():
+    size = 64
+    hosts = _empty_heads(4, size)
+    donors = _empty_heads(4, size)
+    donor_masks = torch.zeros(4, 1, size, size)
+    donor_masks[:, :, 14:22, 14:22] = 1.0
+    donors = donors + donor_masks * 0.5  # a bright lesion on a 0.35 brain
+    x, m, pasted = paste_lesions(hosts, donors, donor_masks, _gen())
+    assert pasted.all() and x.shape == hosts.shape and m.shape == hosts.shape
+    head = head_region(hosts) > 0.5
+    for i in range(4):
+        mask = m[i, 0] > 0.5
+        assert 40 <= mask.sum() <= 90  # the 8 x 8 lesion, moved (bilinear edges)
+        assert (mask & ~head[i, 0]).sum() <= 0.03 * mask.sum()  # inside the host's head
+        # Intensity matched to the host brain (equal means here, times 0.85-1.2): brighter than the brain.
+        assert x[i, 0][mask].mean() > hosts[i, 0][mask].mean() + 0.3
+    # Away from the lesion and its feathered rim, the host is untouched.
+    far = F.max_pool2d(m, 15, stride=1, padding=7) == 0
+    assert torch.allclose(x[far], hosts[far])
+
+
+def test_paste_refuses_a_lesion_that_cannot_fit_inside_the_head():
+    hosts = torch.zeros(2, 1, 64, 64)
+    hosts[:, :, 28:36, 28:36] = 0.4  # a head far smaller than the lesion
+    donor_masks = torch.zeros(2, 1, 64, 64)
+    donor_masks[:, :, 10:40, 10:40] = 1.0
+    x, m, pasted = paste_lesions(hosts, _empty_heads(2), donor_masks, _gen())
+    assert not pasted.any() and torch.equal(x, hosts) and m.sum() == 0
+
+
+def test_histogram_match_takes_the_reference_look_and_keeps_order_and_frame():
+    size = 64
+    heads = _empty_heads(2, size)
+    ramp = torch.linspace(0.1, 0.5, size).view(1, 1, 1, size)
+    x = heads * 0 + (heads > 0) * ramp  # a left-right ramp inside the head
+    ref = (heads > 0) * (ramp.flip(-1) * 0.5 + 0.4) ** 2  # another distribution, brighter
+    out = histogram_match(x, ref)
+    inside = head_region(x) > 0.99
+    assert (out[~(head_region(x) > 0)] == x[~(head_region(x) > 0)]).all()  # the black frame stays black
+    a, b = out[0, 0][inside[0, 0]], ref[0, 0][inside[0, 0]]
+    assert abs(a.mean() - b.mean()) < 0.03 and abs(a.std() - b.std()) < 0.03
+    row = out[0, 0, size // 2, 16:48]
+    assert (row[1:] >= row[:-1] - 1e-5).all()  # monotone: the anatomy's order survives
+
+
+def test_jpeg_roundtrip_is_lossy_and_keeps_shape():
+    x = torch.rand(3, 1, 32, 32)
+    y = jpeg_roundtrip(x, torch.tensor([30.0, 60.0, 95.0]))
+    assert y.shape == x.shape and y.dtype == x.dtype and 0 <= y.min() and y.max() <= 1
+    errors = [(y[i] - x[i]).abs().mean().item() for i in range(3)]
+    assert errors[0] > errors[2] > 0  # lower quality, larger error
+
+
+def test_collections_parts_draw_nothing_when_off():
+    """hist_match and jpeg at 0 leave the basic recipe's random stream (and output) as it was."""
+    images, masks = _head_batch()
+    labels = torch.tensor([0, 1, 2, 3, 0, 1])
+    a = augment(images, PRESETS["basic"], _gen(3))
+    b = augment(images, PRESETS["basic"], _gen(3), labels=labels)
+    assert torch.equal(a, b)
+    c = augment(images, PRESETS["basic"].with_overrides({"hist_match": 1.0}), _gen(3), labels=labels)
+    assert not torch.equal(a, c)

@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from tumor_xai import Predictor
-from tumor_xai.train import lr_factor, main
+from tumor_xai.schedule import lr_factor
+from tumor_xai.train import main
 
 SMOKE = ["--epochs", "1", "--image-size", "64", "--batch-size", "8", "--device", "cpu", "--arch", "resnet_tiny"]
 

@@ -47,15 +47,18 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from tumor_xai import __version__, attention, inference
-from tumor_xai.augment import PRESETS, AugmentConfig, augment, augment_pair, head_region
+from tumor_xai.augment import PRESETS, AugmentConfig, augment, augment_pair, head_region, paste_lesions
 from tumor_xai.checkpoint import NEGATIVE_CLASS, atomic_write_bytes, load_weights, save_weights
 from tumor_xai.data import DataError, DecodedSplit, carve_out_seed, decode_samples, discover, split_train_val
 from tumor_xai.model import ARCHITECTURES, build_model, check_input_size, features_and_logits
 from tumor_xai.preprocess import PreprocessConfig, normalize
+from tumor_xai.schedule import Schedule, parse_duration
 
 __all__ = ["TrainConfig", "TrainingData", "get_args_parser", "load_training_data", "main", "train"]
 
 logger = logging.getLogger(__name__)
+
+LAST_EVERY_S = 30.0  # last/ (the --resume state) is written at most this often, and after the final epoch
 
 
 @dataclass
@@ -95,6 +98,10 @@ class TrainConfig:
     lesion_erase: float = 0.0  # probability per masked image
     erase_target: str = "uniform"  # "uniform" (not confident) or "notumor"
     ema: float = 0.0  # per-step decay of a moving average of the weights (0: off); validation and best/ use it
+    lesion_paste: float = 0.0  # probability per no-tumour image of pasting a masked lesion into it
+    time_budget: float = 0.0  # seconds of training (and its validation); 0: --epochs decides the length
+    low_res_size: int = 0  # progressive resizing: train at this size (growing to 1.25x) before the full size
+    full_res_fraction: float = 0.25  # with low_res_size: the last share of the run at the full size
 
 
 # --------------------------------------------------------------------------- set-up
@@ -122,15 +129,29 @@ def check_config(cfg: TrainConfig) -> None:
         )
     if not 0.0 <= cfg.lesion_erase <= 1.0:
         raise ValueError(f"--lesion-erase is a probability in [0, 1], got {cfg.lesion_erase}")
+    if not 0.0 <= cfg.lesion_paste <= 1.0:
+        raise ValueError(f"--lesion-paste is a probability in [0, 1], got {cfg.lesion_paste}")
+    if not cfg.time_budget >= 0:
+        raise ValueError(f"--time-budget must be a positive duration (e.g. 2h, 90m), got {cfg.time_budget}")
+    if cfg.low_res_size:
+        check_input_size(cfg.low_res_size)
+        if cfg.low_res_size >= cfg.image_size:
+            raise ValueError(f"--low-res-size {cfg.low_res_size} must be below --image-size {cfg.image_size}")
+        if not 0.0 < cfg.full_res_fraction <= 1.0:
+            raise ValueError(f"--full-res-fraction must be in (0, 1], got {cfg.full_res_fraction}")
     if cfg.cam_loss not in attention.CAM_LOSSES:
         raise ValueError(f"--cam-loss must be one of {attention.CAM_LOSSES}, got {cfg.cam_loss!r}")
     if cfg.erase_target not in ("uniform", "notumor"):
         raise ValueError(f"--erase-target must be uniform or notumor, got {cfg.erase_target!r}")
-    needs_masks = cfg.cam_loss_weight > 0 or cfg.lesion_erase > 0
+    needs_masks = cfg.cam_loss_weight > 0 or cfg.lesion_erase > 0 or cfg.lesion_paste > 0
     if needs_masks and not cfg.masks:
-        raise ValueError("--cam-loss-weight and --lesion-erase need --masks DIR (the brain-tumor-mri-masks folder)")
+        raise ValueError(
+            "--cam-loss-weight, --lesion-erase and --lesion-paste need --masks DIR (the brain-tumor-mri-masks folder)"
+        )
     if cfg.masks and not needs_masks:
-        raise ValueError("--masks is only used by --cam-loss-weight or --lesion-erase; add one of them or drop --masks")
+        raise ValueError(
+            "--masks is only used by --cam-loss-weight, --lesion-erase or --lesion-paste; add one or drop --masks"
+        )
     if cfg.masks and not (Path(cfg.masks) / "masks.csv").is_file():
         raise ValueError(f"--masks {cfg.masks}: no masks.csv there; point it at the brain-tumor-mri-masks folder")
     try:
@@ -338,6 +359,7 @@ class Split:
     labels: torch.Tensor
     masks: torch.Tensor | None = None  # uint8 (N, 1, S, S); zeros where an image has none
     has_mask: torch.Tensor | None = None  # bool (N,)
+    donors: torch.Tensor | None = None  # indices of the tumour slices with a mask (lesion paste donors)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -392,6 +414,7 @@ def place_data(ctx: RunContext, data: TrainingData) -> RunData:
         has_t = torch.from_numpy(has).to(ctx.device)
         t_idx, v_idx = torch.from_numpy(train_idx).to(ctx.device), torch.from_numpy(val_idx).to(ctx.device)
         run.train.masks, run.train.has_mask = masks[t_idx], has_t[t_idx]
+        run.train.donors = run.train.has_mask.nonzero().squeeze(1)
         v_sel = v_idx[has_t[v_idx]]
         if len(v_sel):
             run.val_masked = Split(images[v_sel], labels[v_sel], masks[v_sel])
@@ -414,6 +437,8 @@ def _check_data(ctx: RunContext, data: TrainingData | None) -> TrainingData:
     ctx.negative = names.index(NEGATIVE_CLASS) if NEGATIVE_CLASS in names else None
     if cfg.erase_target == "notumor" and cfg.lesion_erase > 0 and ctx.negative is None:
         raise ValueError(f"--erase-target notumor needs a {NEGATIVE_CLASS!r} class; the classes are {names}")
+    if cfg.lesion_paste > 0 and ctx.negative is None:
+        raise ValueError(f"--lesion-paste pastes into {NEGATIVE_CLASS!r} slices; the classes are {names}")
     return data
 
 
@@ -438,18 +463,11 @@ def create_model(ctx: RunContext, run: RunData) -> nn.Module:
     return model.to(ctx.device).to(memory_format=torch.channels_last)
 
 
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up then cosine decay to zero."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 def build_optimizer(
     ctx: RunContext, model: nn.Module, n_train: int
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """Nesterov SGD (no weight decay on biases and norms) at a learning rate scaled to the global batch."""
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, Schedule]:
+    """Nesterov SGD (no weight decay on biases and norms) at a learning rate scaled to the global batch,
+    following the run's :class:`~tumor_xai.schedule.Schedule` (by steps, or by seconds with a time budget)."""
     cfg = ctx.cfg
     peak_lr = cfg.lr * cfg.batch_size * ctx.world / 128
     decay, no_decay = [], []
@@ -463,9 +481,18 @@ def build_optimizer(
     )
     steps_per_epoch = math.ceil((n_train // ctx.world) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
-    warmup = min(total_steps, int(cfg.warmup_epochs * steps_per_epoch))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, max(1, warmup)))
-    return optimizer, scheduler
+    warmup = max(1, min(total_steps, int(cfg.warmup_epochs * steps_per_epoch)))
+    schedule = Schedule(
+        cfg.epochs,
+        steps_per_epoch,
+        warmup,
+        time_budget=cfg.time_budget,
+        full_size=cfg.image_size,
+        low_res_size=cfg.low_res_size,
+        full_res_fraction=cfg.full_res_fraction,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.lr_factor)
+    return optimizer, scheduler, schedule
 
 
 def make_average(cfg: TrainConfig, model: nn.Module) -> AveragedModel | None:
@@ -514,41 +541,69 @@ class Batch:
     head: torch.Tensor | None = None  # (N, 1, S, S) in [0, 1]
 
 
-def make_batch(ctx: RunContext, data: Split, idx: torch.Tensor, aug: AugmentConfig, gen: torch.Generator) -> Batch:
-    """Augment the images at ``idx`` on the device (drawing from ``gen`` in a fixed order, so a seed repeats)."""
+def paste_into_batch(
+    ctx: RunContext, data: Split, batch: Batch, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``--lesion-paste P``: a random masked tumour slice's lesion pasted into each no-tumour image with
+    probability P (:func:`~tumor_xai.augment.paste_lesions`); the image takes the donor's class and mask.
+
+    Returns the batch's images and tumour masks as floats in [0, 1]; updates ``batch``'s labels and ``has_mask``.
+    """
+    images, masks = batch.x.float().div(255.0), batch.lesion.float().div(255.0)
+    n, dev = len(batch.y), images.device
+    hosts = (batch.y == ctx.negative) & (torch.rand(n, generator=gen, device=dev) < ctx.cfg.lesion_paste)
+    donors = data.donors[torch.randint(len(data.donors), (n,), generator=gen, device=dev)]
+    if not hosts.any():
+        return images, masks
+    h = hosts.nonzero().squeeze(1)
+    d = donors[h]
+    pasted_x, pasted_m, ok = paste_lesions(
+        images[h], data.images[d].float().div(255.0), data.masks[d].float().div(255.0), gen
+    )
+    h, d = h[ok], d[ok]
+    images[h], masks[h] = pasted_x[ok], pasted_m[ok]
+    batch.y = batch.y.clone()
+    batch.y[h] = data.labels[d]
+    batch.has_mask = batch.has_mask.clone()
+    batch.has_mask[h] = True
+    return images, masks
+
+
+def make_batch(
+    ctx: RunContext, data: Split, idx: torch.Tensor, aug: AugmentConfig, gen: torch.Generator, size: int | None = None
+) -> Batch:
+    """Augment the images at ``idx`` on the device (drawing from ``gen`` in a fixed order, so a seed repeats),
+    resized to ``size`` (progressive resizing) when it is below the stored size."""
     cfg = ctx.cfg
     use_masks, use_head = data.masks is not None, cfg.head_loss_weight > 0
     images = data.images[idx]
     batch = Batch(x=images, y=data.labels[idx])
     if not (use_masks or use_head):
-        x01 = augment(images, aug, gen)
+        x01 = augment(images, aug, gen, labels=batch.y)
     else:
         channels = []
         if use_masks:
             batch.has_mask = data.has_mask[idx]
-            channels.append(data.masks[idx])
+            lesions = data.masks[idx]
+            if cfg.lesion_paste > 0:
+                batch.x, batch.lesion = images, lesions
+                images, lesions = paste_into_batch(ctx, data, batch, gen)
+            channels.append(lesions)
             if cfg.lesion_erase > 0:
                 draw = torch.rand(len(idx), generator=gen, device=images.device)
                 batch.erased = batch.has_mask & (draw < cfg.lesion_erase)
         if use_head:
-            channels.append(head_region(images.float().div_(255.0)))
-        masks = torch.cat([c.float().div(255.0) if c.dtype == torch.uint8 else c for c in channels], 1)
-        x01, warped = augment_pair(images, masks, aug, gen, erase=batch.erased)
+            channels.append(head_region(images.float().div(255.0) if images.dtype == torch.uint8 else images))
+        masks = torch.cat([c.float().div(255.0) if c.dtype == torch.uint8 else c.float() for c in channels], 1)
+        x01, warped = augment_pair(images, masks, aug, gen, erase=batch.erased, labels=batch.y)
+        if size and size < x01.shape[-1]:
+            warped = F.interpolate(warped, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         batch.lesion = warped[:, :1] if use_masks else None
         batch.head = warped[:, -1:] if use_head else None
+    if size and size < x01.shape[-1]:
+        x01 = F.interpolate(x01, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     batch.x = normalize(x01, ctx.pre).contiguous(memory_format=torch.channels_last)
     return batch
-
-
-def guidance_ramp(progress: float, warmup_epochs: float) -> float:
-    """Factor on the CAM losses at ``progress`` epochs: 0 for the first half of the warm-up, then linear to 1.
-
-    A CAM loss from the first step can win before the network has features to classify with (the
-    map is shaped, the class never learned); the classifier gets a head start instead.
-    """
-    if warmup_epochs <= 0:
-        return 1.0
-    return min(1.0, max(0.0, 2.0 * progress / warmup_epochs - 1.0))
 
 
 def _cam_term(fmap, fc_weight, batch: Batch, masks: torch.Tensor, sel: torch.Tensor, mode: str) -> torch.Tensor:
@@ -626,10 +681,23 @@ def shard_order(ctx: RunContext, n: int, epoch: int) -> torch.Tensor:
 
 
 def train_one_epoch(
-    ctx: RunContext, model: nn.Module, optimizer, scheduler, data: Split, epoch: int, average: AveragedModel | None
+    ctx: RunContext,
+    model: nn.Module,
+    optimizer,
+    scheduler,
+    data: Split,
+    epoch: int,
+    average: AveragedModel | None = None,
+    schedule: Schedule | None = None,
 ) -> dict:
-    """One pass over this process's shard; ``model`` returns ``(layer4 map, logits)`` (:func:`wrap_for_training`)."""
+    """One pass over this process's shard; ``model`` returns ``(layer4 map, logits)`` (:func:`wrap_for_training`).
+
+    The schedule sets each step's input size and guidance weight; with a time budget the pass stops
+    early when the budget is spent.
+    """
     cfg = ctx.cfg
+    if schedule is None:
+        schedule = Schedule(cfg.epochs, math.ceil(len(data) / cfg.batch_size), 1, full_size=cfg.image_size)
     model.train()
     mine = shard_order(ctx, len(data), epoch)
     aug_g = torch.Generator(device=ctx.device).manual_seed(cfg.seed * 1_000_003 + epoch * 101 + ctx.rank)
@@ -638,14 +706,19 @@ def train_one_epoch(
     fc_weight = base.fc.weight
     steps = math.ceil(len(mine) / cfg.batch_size)
     meter = EpochMeter(ctx.device)
-    desc = f"epoch {epoch + 1}/{cfg.epochs}"
+    desc = f"epoch {epoch + 1}" + ("" if cfg.time_budget else f"/{cfg.epochs}")
     bar = tqdm(range(steps), desc=desc, leave=False, disable=not ctx.main_process, dynamic_ncols=True)
+    size = schedule.image_size(schedule.progress(scheduler.last_epoch))
     for i in bar:
-        batch = make_batch(ctx, data, mine[i * cfg.batch_size : (i + 1) * cfg.batch_size], aug, aug_g)
+        progress = schedule.progress(scheduler.last_epoch)
+        if cfg.time_budget and progress >= 1.0:
+            break
+        size = schedule.image_size(progress)
+        batch = make_batch(ctx, data, mine[i * cfg.batch_size : (i + 1) * cfg.batch_size], aug, aug_g, size)
         with torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=ctx.bf16):
             fmap, logits = model(batch.x)
         logits = logits.float()
-        ramp = guidance_ramp(epoch + i / steps, cfg.cam_warmup_epochs)
+        ramp = schedule.guidance(progress, epoch + i / steps, cfg.cam_warmup_epochs)
         loss, parts = compute_loss(ctx, batch, fmap, logits, fc_weight, ramp)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -655,8 +728,8 @@ def train_one_epoch(
             average.update_parameters(base)
         meter.add(loss, logits, batch.y, parts)
         if ctx.main_process and (i % 10 == 0 or i == steps - 1):
-            bar.set_postfix(**meter.postfix())
-    return meter.result(ctx.world)
+            bar.set_postfix(size=size, **meter.postfix())
+    return {**meter.result(ctx.world), "image_size": size}
 
 
 def evaluate(ctx: RunContext, model: nn.Module, data: Split) -> dict:
@@ -701,18 +774,24 @@ def run_epoch(
     run: RunData,
     epoch: int,
     average: AveragedModel | None = None,
+    schedule: Schedule | None = None,
 ) -> dict:
     """Train one epoch, then score the validation carve-out (and the heatmaps of its masked images).
 
     With a weight average the figures are the average's; the trained weights' own accuracy is ``val_acc_raw``.
+    Epochs of the low-resolution phase of progressive resizing are not validated (``validated``: false):
+    the best epoch is chosen among those trained at the size the model is used at.
     """
     if ctx.device.type == "cuda":
         torch.cuda.synchronize()
     t = time.time()
-    stats = train_one_epoch(ctx, net, optimizer, scheduler, run.train, epoch, average)
+    stats = train_one_epoch(ctx, net, optimizer, scheduler, run.train, epoch, average, schedule)
     if ctx.device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.time() - t
+    if schedule is not None and not schedule.full_size_phase(schedule.progress(scheduler.last_epoch)):
+        stats.update(epoch=epoch + 1, seconds=round(dt, 2), lr=optimizer.param_groups[0]["lr"], validated=False)
+        return stats
     scored = model if average is None else average.module
     stats.update(evaluate(ctx, scored, run.val))
     if average is not None and len(run.val):
@@ -738,6 +817,7 @@ class Progress:
     start_epoch: int = 0
     best: dict = field(default_factory=lambda: {"val_acc": -1.0, "val_loss": float("inf"), "epoch": -1})
     log: list = field(default_factory=list)
+    spent: float = 0.0  # seconds of the time budget used (training and validation)
 
 
 def resume(ctx: RunContext, model: nn.Module, optimizer, scheduler, average: AveragedModel | None) -> Progress:
@@ -751,14 +831,21 @@ def resume(ctx: RunContext, model: nn.Module, optimizer, scheduler, average: Ave
     scheduler.load_state_dict(state["scheduler"])
     if average is not None:  # check_config made sure the run kept one
         average.load_state_dict(state["average"])
-    progress = Progress(state["epoch"] + 1, state["best"], state["log"])
+    progress = Progress(state["epoch"] + 1, state["best"], state["log"], state.get("spent", 0.0))
     if ctx.main_process:
         logger.info("resuming after epoch %d (best val acc %.4f)", progress.start_epoch, progress.best["val_acc"])
     return progress
 
 
 def save_state(
-    path: Path, optimizer, scheduler, epoch: int, best: dict, log: list, average: AveragedModel | None = None
+    path: Path,
+    optimizer,
+    scheduler,
+    epoch: int,
+    best: dict,
+    log: list,
+    average: AveragedModel | None = None,
+    spent: float = 0.0,
 ) -> None:
     """Optimiser, schedule and average state for --resume (tensors and plain values only: loads with weights_only)."""
     buf = io.BytesIO()
@@ -768,6 +855,7 @@ def save_state(
         "epoch": epoch,
         "best": best,
         "log": log,
+        "spent": spent,
     }
     if average is not None:
         state["average"] = average.state_dict()
@@ -789,22 +877,46 @@ def save_checkpoint(
     progress: Progress,
     meta: dict,
     average: AveragedModel | None = None,
+    write_last: bool = True,
 ) -> None:
     """After an epoch: ``best/`` when validation improved, ``last/`` with the state for --resume, ``log.json``.
 
-    ``best/`` holds the weights validation scored: the average when there is one.
+    ``best/`` holds the weights validation scored: the average when there is one. ``write_last`` False
+    skips ``last/`` (short epochs on a GPU would otherwise write it a few times a second).
     """
     stats = progress.log[-1]
     epoch = stats["epoch"]
-    if _improved(stats, progress.best):
+    if stats.get("validated", True) and _improved(stats, progress.best):
         progress.best = {"val_acc": stats.get("val_acc", 0.0), "val_loss": stats.get("val_loss", 0.0), "epoch": epoch}
         scored = model if average is None else average.module
         save_weights(scored, ctx.out / "best", {**meta, "metrics": {"best_epoch": progress.best}})
+    if write_last:
+        save_last(ctx, model, optimizer, scheduler, progress, meta, average)
+    atomic_write_bytes(ctx.out / "log.json", (json.dumps(progress.log, indent=1) + "\n").encode())
+
+
+def save_last(
+    ctx: RunContext,
+    model: nn.Module,
+    optimizer,
+    scheduler,
+    progress: Progress,
+    meta: dict,
+    average: AveragedModel | None = None,
+) -> None:
+    """``last/``: the latest weights with the optimiser, schedule, average and log, for --resume."""
+    epoch = progress.log[-1]["epoch"]
     save_weights(model, ctx.out / "last", {**meta, "metrics": {"epoch": epoch}})
     save_state(
-        ctx.out / "last" / "train_state.pt", optimizer, scheduler, epoch - 1, progress.best, progress.log, average
+        ctx.out / "last" / "train_state.pt",
+        optimizer,
+        scheduler,
+        epoch - 1,
+        progress.best,
+        progress.log,
+        average,
+        spent=progress.spent,
     )
-    atomic_write_bytes(ctx.out / "log.json", (json.dumps(progress.log, indent=1) + "\n").encode())
 
 
 def weights_metadata(
@@ -883,11 +995,14 @@ def train(cfg: TrainConfig, data: TrainingData | None = None) -> Path:
     it must match ``cfg`` (image size, and masks when the run uses them).
     """
     ctx = start_run(cfg)
+    if cfg.time_budget and ctx.world > 1:
+        raise ValueError("--time-budget runs in one process (each process's clock would end it at another step)")
     run = place_data(ctx, _check_data(ctx, data))
     model = create_model(ctx, run)
-    optimizer, scheduler = build_optimizer(ctx, model, len(run.train))
+    optimizer, scheduler, schedule = build_optimizer(ctx, model, len(run.train))
     average = make_average(cfg, model)
     progress = resume(ctx, model, optimizer, scheduler, average)
+    schedule.spent = progress.spent
     net = wrap_for_training(ctx, model)
     meta = weights_metadata(cfg, run.class_names, ctx.pre, run.fingerprint)
     meta["training"]["device"] = ctx.device.type  # what ran, not what was asked ("auto")
@@ -895,10 +1010,16 @@ def train(cfg: TrainConfig, data: TrainingData | None = None) -> Path:
         ctx.out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(ctx.out / "config.json", (json.dumps(asdict(cfg), indent=2) + "\n").encode())
 
-    for epoch in range(progress.start_epoch, cfg.epochs):
-        progress.log.append(run_epoch(ctx, net, model, optimizer, scheduler, run, epoch, average))
+    schedule.start()
+    epoch, saved = progress.start_epoch, time.monotonic()
+    while not schedule.done(scheduler.last_epoch):
+        progress.log.append(run_epoch(ctx, net, model, optimizer, scheduler, run, epoch, average, schedule))
+        progress.spent = schedule.elapsed()
+        epoch += 1
         if ctx.main_process:
-            save_checkpoint(ctx, model, optimizer, scheduler, progress, meta, average)
+            due = time.monotonic() - saved >= LAST_EVERY_S or schedule.done(scheduler.last_epoch)
+            save_checkpoint(ctx, model, optimizer, scheduler, progress, meta, average, write_last=due)
+            saved = time.monotonic() if due else saved
             stats = progress.log[-1].items()
             logger.info(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in stats))
 
@@ -935,7 +1056,28 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="start from this weights folder (e.g. weights/) with a fresh schedule; it must have been trained "
         "with the same --seed, --val-fraction and data, so its validation images stay out of training",
     )
-    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--epochs", type=int, default=d.epochs, help="length of the run (without --time-budget)")
+    p.add_argument(
+        "--time-budget",
+        type=_duration,
+        default=d.time_budget,
+        metavar="DURATION",
+        help="train for this long (e.g. 2h, 90m, 300s; training and validation, not the final calibration): "
+        "the learning rate follows the clock and reaches zero at the end; --epochs is then only the unit of "
+        "--cam-warmup-epochs",
+    )
+    p.add_argument(
+        "--low-res-size",
+        type=int,
+        default=d.low_res_size,
+        help="progressive resizing: train at this size (growing to 1.25x) before the full --image-size (0: off)",
+    )
+    p.add_argument(
+        "--full-res-fraction",
+        type=float,
+        default=d.full_res_fraction,
+        help="with --low-res-size: the share of the run at the full size, at its end (guidance losses on there)",
+    )
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
     p.add_argument("--image-size", type=int, default=d.image_size)
     p.add_argument(
@@ -1015,6 +1157,19 @@ def _add_guidance_arguments(g: argparse._ArgumentGroup, d: TrainConfig) -> None:
     g.add_argument(
         "--erase-target", default=d.erase_target, choices=["uniform", "notumor"], help="target of an erased image"
     )
+    g.add_argument(
+        "--lesion-paste",
+        type=float,
+        default=d.lesion_paste,
+        help="probability of pasting a masked lesion into a no-tumour image, which takes the lesion's class (0: off)",
+    )
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _override(text: str) -> tuple[str, float]:
