@@ -101,6 +101,7 @@ class EvaluateConfig:
     skip_unreadable: bool = False
     record: bool = False
     device: str = "cpu"
+    external: tuple[Path, ...] = ()  # labelled folders from other collections (tumor_xai.external)
 
     def command(self) -> str:
         """The command line that runs this evaluation (what the model card quotes beside its figures)."""
@@ -115,13 +116,18 @@ class EvaluateConfig:
                 words.append("--layers " + ",".join(self.layers))
         if not self.stress:
             words.append("--no-stress")
+        words.extend(f"--external {d}" for d in self.external)
         if self.record:
             words.append("--record")
         return " ".join(words)
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+        def plain(v):
+            return str(v) if isinstance(v, Path) else [plain(x) for x in v] if isinstance(v, tuple) else v
+
+        return {k: plain(v) for k, v in d.items()}
 
 
 class UsageError(ValueError):
@@ -480,6 +486,11 @@ def _report(metrics: dict) -> str:
         lines += _report_stress(metrics["stress"], metrics["official"])
     if metrics.get("localization"):
         lines += _report_localization(metrics["localization"])
+    if metrics.get("external"):
+        from tumor_xai.external import summary_line
+
+        lines += ["", "## Other collections (tumour slices the training data does not look like)", ""]
+        lines += [f"- {summary_line(name, m)}" for name, m in metrics["external"].items()]
     lines += [
         "",
         f"Figures: `confusion_matrix.png`, `reliability.png`, `roc.png`. Run time {metrics['seconds']:.0f} s.",
@@ -649,6 +660,14 @@ def evaluate(config: EvaluateConfig) -> dict:
         loc["masks"] = str(masks_dir)
         loc["targets"] = "true: the image's true class; predicted: the model's argmax class"
         metrics["localization"] = loc
+    if config.external:
+        from tumor_xai.external import evaluate_external, summary_line
+
+        metrics["external"] = {}
+        for folder in config.external:
+            m = evaluate_external(weights, folder, config.batch_size, config.workers)
+            metrics["external"][Path(folder).name] = m
+            logger.info(summary_line(Path(folder).name, m))
     metrics["seconds"] = round(time.perf_counter() - started, 1)
     _write_files(out, metrics, probs, test.labels)
     if config.record:
@@ -668,6 +687,10 @@ def _record(recorded: dict, metrics: dict) -> dict:
     )
     if "stress" in metrics:
         recorded["stress"] = {name: s["accuracy"] for name, s in metrics["stress"].items()}
+    if "external" in metrics:  # tumour slices from other collections (the model card's "Collections")
+        recorded["external"] = {
+            name: {k: v for k, v in m.items() if k != "folder"} for name, m in metrics["external"].items()
+        }
     if "localization" in metrics:
         loc = metrics["localization"]
         recorded["localization"] = {
@@ -725,13 +748,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--record", action="store_true", help="store the official and duplicate-free figures in the weights' model.json"
     )
+    p.add_argument(
+        "--external",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="also score a labelled folder from another collection (index.csv: image,label[,mask]; label a class "
+        "or 'tumour'): tumour sensitivity, class accuracy, no-tumour probability on tumours, heatmap placement "
+        "(repeatable)",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    config = EvaluateConfig(**vars(args))
+    config = EvaluateConfig(**{**vars(args), "external": tuple(args.external)})
     try:
         metrics = evaluate(config)
     except (DataError, WeightsError, UsageError) as exc:
@@ -742,6 +775,11 @@ def main(argv: list[str] | None = None) -> int:
         f"official Testing: accuracy {o['accuracy']:.4f} (n={o['n']}), macro ROC-AUC {_num(o['roc_auc']['macro'])}, ECE {o['ece']:.4f}"
     )
     print(f"duplicate-free:   accuracy {d['accuracy']:.4f} (n={d['n']}, {d['removed']} removed)")
+    if "external" in metrics:
+        from tumor_xai.external import summary_line
+
+        for name, m in metrics["external"].items():
+            print(summary_line(name, m))
     print(f"wrote {config.out / 'report.md'}")
     return 0
 
