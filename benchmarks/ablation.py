@@ -87,6 +87,22 @@ def distinct_accuracy(right: np.ndarray, thumbs: np.ndarray) -> float:
     return float(np.mean(np.bincount(groups, weights=right) / np.bincount(groups)))
 
 
+_CORRUPTED: dict[tuple[bytes, str], np.ndarray] = {}
+
+
+def corrupted(squares: np.ndarray, name: str) -> np.ndarray:
+    """``squares`` after the named stress corruption (seeded per image), computed once per set of squares:
+    every run of an ablation is scored on the same corrupted validation images."""
+    import hashlib
+
+    key = (hashlib.sha1(squares.tobytes()).digest(), name)
+    if key not in _CORRUPTED:
+        _CORRUPTED[key] = np.stack(
+            [quantize(corrupt(name, sq.astype(np.float32) / 255.0, seed=i)) for i, sq in enumerate(squares)]
+        )
+    return _CORRUPTED[key]
+
+
 def validation_scores(weights: LoadedWeights, data, cfg) -> dict:
     """What the recipe is chosen on: the run's own validation carve-out (never the Testing split).
 
@@ -100,20 +116,24 @@ def validation_scores(weights: LoadedWeights, data, cfg) -> dict:
     out = inference.forward(model, squares, pre, keep_maps=True)
     fmap, logits = out.fmap, out.logits
     right = (logits.argmax(1) == labels).numpy()
+    # Test-time flipping: the mean of the probabilities of the slice and its mirror image.
+    flipped = inference.forward(model, np.ascontiguousarray(squares[..., ::-1]), pre).logits
+    tta = (logits.softmax(1) + flipped.softmax(1)).argmax(1) == labels
     scores = {
         "val_acc": float(right.mean()),
+        "val_acc_flip_tta": float(tta.float().mean()),
         "val_acc_distinct": distinct_accuracy(right, data.decoded.thumbs[val_idx]),
         "val_n": len(val_idx),
     }
     stress = {}
     for name in CORRUPTIONS:
-        bad = np.stack([quantize(corrupt(name, sq.astype(np.float32) / 255.0, seed=i)) for i, sq in enumerate(squares)])
+        bad = corrupted(squares, name)
         stress[name] = (inference.forward(model, bad, pre).logits.argmax(1) == labels).float().mean().item()
     scores.update(val_stress=stress, val_stress_min=min(stress.values()))
     if sel is not None:
         if sel.any():
             sel_t = torch.from_numpy(sel)
-            cam = inference.class_activation_map(fmap[sel_t], model.fc.weight, labels[sel_t])
+            cam = inference.class_activation_map(fmap[sel_t], model.fc.weight.detach().cpu(), labels[sel_t])
             masks = torch.from_numpy(data.masks.masks[val_idx][sel]).unsqueeze(1).float().div_(255.0)
             scores.update(
                 val_pointing=attention.pointing_hits(cam, masks).float().mean().item(),

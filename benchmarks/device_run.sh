@@ -1,57 +1,69 @@
 #!/usr/bin/env bash
-# The whole GPU part of the model work in ONE call: train the recipe variants over several seeds,
-# evaluate each, train more seeds of the variant that validation prefers, and pack the summary and
-# the median seed's weights into $OUT (at most 8 files of at most 15 MiB each).
+# The whole GPU part of the model work in ONE call: the collection-shortcut ablation
+# (benchmarks/collections_ablation.py: every variant a time-budgeted run of the shipped recipe, all of
+# them side by side on the GPU), scored on validation and on the external development sets, and the
+# best-ranked runs' weights packed into $OUT (at most 8 files of at most 15 MiB each).
 #
 # On this machine, before the call (the working tree that travels is limited to 64 MiB):
-#     bash benchmarks/device_run.sh --prepare    # copies the data into .data/ (git-ignored), moves weights/ aside
-#     # device run: command "bash benchmarks/device_run.sh", carry [".data"], timeout_s 560
+#     bash benchmarks/device_run.sh --prepare    # data + external sets + wheels into .data/ and .whl/, weights/ aside
+#     # device run: command "bash benchmarks/device_run.sh", carry [".data", ".whl"], timeout_s 570
 #     bash benchmarks/device_run.sh --restore    # puts weights/ back
 #     bash benchmarks/device_run.sh --unpack DIR [DEST]  # the returned files -> DEST (default runs/device-ship)
 #
+# The Testing split does not travel (size): the chosen run is evaluated on it here, after the call.
 # Every setting can be overridden from the environment; the CPU rehearsal (tests/test_device_run.py)
-# runs the same script with DEVICE=cpu, 1 epoch, 64 px and a handful of images.
+# runs the same script with DEVICE=cpu, a tiny dataset and a few seconds of budget.
 set -euo pipefail
 here=$PWD
 cd "$(dirname "$0")/.."
 
 DATA=${DATA:-.data/brain-tumor-mri}
 MASKS=${MASKS:-.data/brain-tumor-mri-masks}
+EXTERNAL=${EXTERNAL:-.data/br35h-tumour-dev,.data/tcia-slices}
 RUNS=${RUNS:-runs/device}
-VARIANTS=${VARIANTS:-baseline,strong,cam,cam+strong}
-SEEDS=${SEEDS:-0,1}
-EXTRA_SEEDS=${EXTRA_SEEDS:-2}
-EPOCHS=${EPOCHS:-100}
-IMAGE_SIZE=${IMAGE_SIZE:-224}
-BATCH_SIZE=${BATCH_SIZE:-128}
-ARCH=${ARCH:-resnet18}
-SPLIT_SEED=${SPLIT_SEED:-0}  # every run keeps out the shipped weights' carve-out: compared, and gated, on one set
+VARIANTS=${VARIANTS:-ship,paste,paste30+collections,paste+collections,collections,paste+strong,paste+collections+head}
+BUDGET=${BUDGET:-300s}
+PARALLEL=${PARALLEL:-8}
+THREADS=${THREADS:-2}
 PART_SIZE=${PART_SIZE:-15M}  # the device returns files of at most 16 MiB
 DEVICE=${DEVICE:-cuda}
-BUDGET_MIN=${BUDGET_MIN:-7}
-EVAL_WORKERS=${EVAL_WORKERS:-8}
 PYTHON=${PYTHON:-python3}
+TRAIN_ARGS=${TRAIN_ARGS:-}   # extra training arguments for every run (the rehearsal's tiny model and size)
 ASIDE=${ASIDE:-/tmp/tumor-xai-weights-aside}
 
 case "${1:-}" in
   --prepare)
     mkdir -p .data
-    cp -r ../shared/data/brain-tumor-mri ../shared/data/brain-tumor-mri-masks .data/
+    rm -rf .data/brain-tumor-mri && mkdir -p .data/brain-tumor-mri
+    cp -r ../shared/data/brain-tumor-mri/Training .data/brain-tumor-mri/
+    cp -r ../shared/data/brain-tumor-mri-masks ../shared/data/br35h-tumour-dev .data/
+    "$PYTHON" benchmarks/export_volume_slices.py ../shared/data/tcia-volumes-dev .data/tcia-slices
+    rm -rf .whl && "$PYTHON" -m pip wheel -q --no-deps -w .whl grad-cam==1.5.7 ttach==0.0.3 pydicom==3.0.2
     rm -rf "$ASIDE" && mkdir -p "$ASIDE" && mv weights/model.safetensors "$ASIDE/"
-    du -sh --apparent-size --exclude=.git --exclude=.venv --exclude=.venv-ci .
+    du -sh --apparent-size --exclude=.git --exclude=.venv --exclude=.venv-ci --exclude=runs .
     exit 0 ;;
   --restore)
     mv "$ASIDE/model.safetensors" weights/
     exit 0 ;;
   --unpack)
+    # DEST/<variant>/ for each returned run (weights + its json files), DEST/summary.{md,json}.
     src=$(cd "$here" && cd "${2:?usage: --unpack DIR [DEST]}" && pwd)
     dest=${3:-runs/device-ship}
     case "$dest" in /*) ;; *) [ -n "${3:-}" ] && dest="$here/$dest" ;; esac
-    mkdir -p "$dest"
-    tar -xzf "$src/ship.tar.gz" -C "$dest"
-    cat "$src"/model.safetensors.part-* > "$dest/model.safetensors"
-    cp "$src/summary.md" "$src/summary.json" "$dest/"
-    echo "unpacked the median seed of the chosen variant into $dest (load with Predictor.from_pretrained)"
+    mkdir -p "$dest/all"
+    tar -xzf "$src/runs.tar.gz" -C "$dest/all"
+    cp "$src/summary.json" "$dest/"
+    cp "$dest/all/summary.md" "$dest/" 2>/dev/null || true
+    i=0
+    for run in $("$PYTHON" -c "import json,sys; [print(r) for r in json.load(open(sys.argv[1]))['ranking']]" "$src/summary.json"); do
+      [ -f "$src/model$i.safetensors.part-00" ] || break
+      name=$(basename "$run")
+      mkdir -p "$dest/$name"
+      cp "$dest/all/$name"/{model.json,config.json,log.json} "$dest/$name/"
+      cat "$src/model$i.safetensors.part-"* > "$dest/$name/model.safetensors"
+      echo "unpacked rank $i: $dest/$name"
+      i=$((i + 1))
+    done
     exit 0 ;;
   "") ;;
   *) echo "usage: $0 [--prepare | --restore | --unpack DIR [DEST]]" >&2; exit 2 ;;
@@ -61,36 +73,47 @@ esac
 export PYTHONUNBUFFERED=1
 started=$(date +%s)
 
-# Fail in seconds, not minutes, when the data did not travel (ablation.py imports training and evaluation
-# before it trains anything, so a missing package fails fast too).
-for d in "$DATA" "$MASKS"; do
+# Packages the device image lacks travel as wheels (.whl, made by --prepare).
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+# Fail in seconds, not minutes, when the data did not travel or a package is missing.
+for d in "$DATA" "$MASKS" ${EXTERNAL//,/ }; do
   [ -d "$d" ] || { echo "error: $d not found (run --prepare here and carry .data)" >&2; exit 3; }
 done
+"$PYTHON" -c "import pytorch_grad_cam, pydicom, tumor_xai.train, tumor_xai.evaluate, tumor_xai.external"
 if [ "$DEVICE" = cuda ]; then
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 fi
 
-eval_device=cpu
-[ "$DEVICE" = cuda ] && eval_device=cuda
+external=()
+for d in ${EXTERNAL//,/ }; do external+=(--external "$d"); done
+train_args=()
+for a in $TRAIN_ARGS; do train_args+=("--train-arg=$a"); done
+mkdir -p "$RUNS"
 set +e
-"$PYTHON" benchmarks/ablation.py --data "$DATA" --masks "$MASKS" --out "$RUNS" \
-  --variants "$VARIANTS" --seeds "$SEEDS" --extra-seeds "$EXTRA_SEEDS" --epochs "$EPOCHS" \
-  --image-size "$IMAGE_SIZE" --batch-size "$BATCH_SIZE" --device "$DEVICE" --budget-min "$BUDGET_MIN" \
-  --eval-workers "$EVAL_WORKERS" --eval-device "$eval_device" --train-arg=--half --train-arg=--arch="$ARCH" \
-  --train-arg=--split-seed="$SPLIT_SEED" 2>&1 | tee "$OUT/ablation.log"
+"$PYTHON" benchmarks/collections_ablation.py --data "$DATA" --masks "$MASKS" --out "$RUNS" "${external[@]}" \
+  --variants "$VARIANTS" --budget "$BUDGET" --parallel "$PARALLEL" --device "$DEVICE" --threads "$THREADS" \
+  "${train_args[@]}" 2>&1 | tee "$RUNS/ablation.log"
 status=${PIPESTATUS[0]}
 set -e
 
 # Whatever finished comes back, also after a failure: the summary, every run's logs, the chosen weights.
-cp "$RUNS/summary.md" "$RUNS/summary.json" "$OUT/" 2>/dev/null || true
-(cd "$RUNS" && find . \( -name log.json -o -name validation.json -o -name metrics.json -o -name config.json \
-  -o -name eval.log \) -print0 | tar -czf "$OUT/runs.tar.gz" --null -T -) || true
-ship=$("$PYTHON" -c "import json,sys; print(json.load(open(sys.argv[1])).get('ship') or '')" "$RUNS/summary.json" 2>/dev/null || true)
-if [ -n "$ship" ] && [ -f "$ship/model.safetensors" ]; then
-  tar -czf "$OUT/ship.tar.gz" -C "$ship" model.json config.json log.json validation.json \
-    $(cd "$ship" && ls eval/metrics.json eval/report.md 2>/dev/null)
-  split -b "$PART_SIZE" -d "$ship/model.safetensors" "$OUT/model.safetensors.part-"
-  echo "ship: $ship"
+cp "$RUNS/summary.json" "$OUT/" 2>/dev/null || true
+(cd "$RUNS" && find . \( -name log.json -o -name config.json -o -name model.json -o -name '*.log' -o -name summary.md \) \
+  -print0 | tar -czf "$OUT/runs.tar.gz" --null -T -) || true
+# The first SHIP_TOP runs of the ranking come back (each ResNet18 in two parts): the chosen one is gated
+# here, on Testing too, and the next ones stand by if it fails.
+SHIP_TOP=${SHIP_TOP:-3}
+mapfile -t ranked < <("$PYTHON" -c "import json,sys; [print(r) for r in json.load(open(sys.argv[1]))['ranking'][:int(sys.argv[2])]]" "$RUNS/summary.json" "$SHIP_TOP" 2>/dev/null || true)
+if [ "${#ranked[@]}" -gt 0 ]; then
+  for i in "${!ranked[@]}"; do
+    split -b "$PART_SIZE" -d "${ranked[$i]}/model.safetensors" "$OUT/model$i.safetensors.part-"
+    echo "rank $i: ${ranked[$i]}"
+  done
 else
   echo "no run to ship (see ablation.log)" >&2
   [ "$status" -eq 0 ] && status=4
