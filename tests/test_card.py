@@ -60,3 +60,22 @@ def test_check_flags_a_stale_readme_and_writing_fixes_it(tmp_path):
 def test_the_repository_readme_and_model_card_match_the_shipped_weights():
     assert card.main(["--check"]) == 0, "run `python -m tumor_xai.card` after changing weights/model.json"
     assert (REPO / "weights" / "MODEL_CARD.md").is_file()
+
+
+def test_other_collections_are_tabled_with_their_bars_and_absent_when_not_measured():
+    assert card.collections_lines(_meta(official={"accuracy": 0.99})) == []
+    sets = {
+        "br35h-tumour-dev": {
+            "n": 201,
+            "tumour_sensitivity_argmax": 0.92,
+            "tumour_sensitivity_flag": 0.90,
+            "notumor_probability_on_tumours": {"q50": 0.1, "q90": 0.8},
+            "heatmap": {"pointing": 0.7, "mass_in_mask": 0.3},
+        },
+    }
+    text = "\n".join(card.collections_lines(_meta(external=sets, external_evaluated_with="cmd")))
+    assert "| br35h-tumour-dev | 201 | 92.0 % | 90.0 % |" in text
+    assert "| br35h-tumour-dev: tumour sensitivity (argmax) | >= 90 % | 92.0 % | yes |" in text
+    assert "| br35h-tumour-dev: tumour sensitivity (screening flag) | >= 95 % | 90.0 % | **no** |" in text
+    assert "| br35h-tumour-dev: default heatmap: pointing game | >= 60 % | 70.0 % | yes |" in text
+    assert "| tcia-slices: class accuracy (glioma) | >= 70 % | - | - |" in text  # a set not measured is no verdict

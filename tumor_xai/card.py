@@ -189,6 +189,53 @@ def _localization_lines(loc: dict) -> list[str]:
     ]
 
 
+# Bars on tumour slices from other collections (issue: the collection shortcut): (set, figure, target).
+COLLECTION_BARS = [
+    ("br35h-tumour-dev", "tumour_sensitivity_argmax", 0.90),
+    ("br35h-tumour-dev", "tumour_sensitivity_flag", 0.95),
+    ("br35h-tumour-dev", "pointing", 0.60),
+    ("tcia-slices", "tumour_sensitivity_argmax", 0.95),
+    ("tcia-slices", "class_accuracy", 0.70),
+]
+COLLECTION_LABELS = {
+    "tumour_sensitivity_argmax": "tumour sensitivity (argmax)",
+    "tumour_sensitivity_flag": "tumour sensitivity (screening flag)",
+    "class_accuracy": "class accuracy (glioma)",
+    "pointing": "default heatmap: pointing game",
+}
+
+
+def _collection_value(sets: dict, name: str, key: str) -> float | None:
+    m = sets.get(name) or {}
+    return (m.get("heatmap") or {}).get(key) if key == "pointing" else m.get(key)
+
+
+def collections_lines(meta: dict) -> list[str]:
+    """The card's figures on other collections (``evaluate --external``), beside their bars."""
+    m = meta.get("metrics") or {}
+    sets = m.get("external") or {}
+    if not sets:
+        return []
+    lines = ["", "### Other collections", "", f"Evaluation: `{m.get('external_evaluated_with', '-')}`", ""]
+    lines += ["| set | slices | tumour sens. (argmax) | tumour sens. (flag) | class acc. | P(notumor) median / q90 "
+              "| pointing | heat in mask |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, s in sets.items():
+        q = s.get("notumor_probability_on_tumours") or {}
+        h = s.get("heatmap") or {}
+        lines.append(
+            f"| {name} | {s.get('n', '-')} | {_pct(s.get('tumour_sensitivity_argmax'), 1)} "
+            f"| {_pct(s.get('tumour_sensitivity_flag'), 1)} | {_pct(s.get('class_accuracy'), 1)} "
+            f"| {_num(q.get('q50'))} / {_num(q.get('q90'))} | {_pct(h.get('pointing'), 1)} "
+            f"| {_pct(h.get('mass_in_mask'), 1)} |"
+        )
+    lines += ["", "| bar | target | this model | met |", "|---|---|---|---|"]
+    for name, key, target in COLLECTION_BARS:
+        v = _collection_value(sets, name, key)
+        met = "-" if v is None else ("yes" if v >= target else "**no**")
+        lines.append(f"| {name}: {COLLECTION_LABELS[key]} | >= {_pct(target, 0)} | {_pct(v, 1)} | {met} |")
+    return lines
+
+
 def model_card_figures(meta: dict) -> str:
     """The model card's figures (between its markers): calibration, evaluation, stress, localisation, bars."""
     m = meta.get("metrics") or {}
@@ -219,6 +266,7 @@ def model_card_figures(meta: dict) -> str:
     if m.get("localization"):
         lines += _localization_lines(m["localization"])
     lines += ["", "### Against the project's bars", "", *_bar_table(meta, "this model")]
+    lines += collections_lines(meta)
     return "\n".join(lines)
 
 
