@@ -42,23 +42,23 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from tumor_xai.decode import (
-    _DECODER_ERRORS,
-    _RETRY,
+from tumor_xai.inputs import (
+    DECODER_ERRORS,
+    RETRY,
     DecodedImage,
     InvalidImageError,
-    _check_shape,
-    _Limits,
-    _min_max,
-    _rgb_to_gray,
-    _unreadable,
+    Limits,
+    check_shape,
+    min_max,
+    rgb_to_gray,
+    unreadable,
 )
 
 __all__ = ["BODY_PARTS", "MODALITIES", "decode_dicom"]
 
 logger = logging.getLogger(__name__)
 
-_DICOM_ERRORS = (*_DECODER_ERRORS, InvalidDicomError, BytesLengthException)
+_DICOM_ERRORS = (*DECODER_ERRORS, InvalidDicomError, BytesLengthException)
 
 # The only DICOM elements parsed: pixel module, LUTs and a few non-identifying descriptors.
 _DICOM_TAGS = [
@@ -119,7 +119,7 @@ _UID_STRING = re.compile(r"^[0-9.]{1,64}$")
 _DICOM_LOCK = threading.Lock()
 
 
-def decode_dicom(data: bytes, name: str, limits: _Limits, *, force: bool) -> DecodedImage:
+def decode_dicom(data: bytes, name: str, limits: Limits, *, force: bool) -> DecodedImage:
     """Decode DICOM ``data`` (``force``: no preamble, recognised by its first tag) or raise InvalidImageError."""
     # pydicom's value validation warns (and logs) with the offending value quoted; in a damaged file
     # that value can run into neighbouring elements, patient name included. Validation is switched
@@ -128,7 +128,7 @@ def decode_dicom(data: bytes, name: str, limits: _Limits, *, force: bool) -> Dec
         return _decode_dicom_unlocked(data, name, limits, force=force)
 
 
-def _decode_dicom_unlocked(data: bytes, name: str, limits: _Limits, *, force: bool) -> DecodedImage:
+def _decode_dicom_unlocked(data: bytes, name: str, limits: Limits, *, force: bool) -> DecodedImage:
     # A library message could quote header values, so the refusal is raised *outside* the
     # ``except`` block: the InvalidImageError carries neither a __cause__ nor a __context__.
     stage = "header"
@@ -137,12 +137,12 @@ def _decode_dicom_unlocked(data: bytes, name: str, limits: _Limits, *, force: bo
         ds.walk(lambda *_: None)  # elements are parsed lazily; parse them all now, while errors mean "header"
         if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
             if force:  # preamble-less guess: most likely not DICOM at all
-                raise InvalidImageError(_unreadable(name, data))
+                raise InvalidImageError(unreadable(name, data))
             raise InvalidImageError(_no_pixels(name, ds))
         ts = _transfer_syntax(ds)
         _check_decoder(ts, name)
         info = _dicom_info(ds, ts, name)
-        _check_shape(info["Columns"], info["Rows"], name, limits)
+        check_shape(info["Columns"], info["Rows"], name, limits)
         frames = info["NumberOfFrames"]
         index = frames // 2 if frames > 1 else None
         if index is not None:
@@ -191,7 +191,7 @@ def _dicom_info(ds: pydicom.Dataset, ts: UID, name: str) -> dict[str, Any]:
     except (AttributeError, TypeError, ValueError):
         rows = cols = frames = bits = 0  # refused just below
     if min(rows, cols, frames) < 1 or not 1 <= bits <= 32:
-        raise InvalidImageError(f"{name} is a DICOM file whose image size or bit depth is missing or invalid. {_RETRY}")
+        raise InvalidImageError(f"{name} is a DICOM file whose image size or bit depth is missing or invalid. {RETRY}")
     modality = _code(ds.get("Modality"), MODALITIES)
     info = {
         "source": f"DICOM {modality}",
@@ -248,7 +248,7 @@ def _dicom_to_gray(arr: np.ndarray, ds: pydicom.Dataset, info: dict[str, Any]) -
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise InvalidImageError("This DICOM file's colour pixel data is not one RGB slice.")
     rgb = np.clip(arr.astype(np.float32) / float(2**bits - 1), 0.0, 1.0)
-    return _rgb_to_gray(rgb)
+    return rgb_to_gray(rgb)
 
 
 def _apply_window(values: np.ndarray, ds: pydicom.Dataset, info: dict[str, Any]) -> np.ndarray:
@@ -258,7 +258,7 @@ def _apply_window(values: np.ndarray, ds: pydicom.Dataset, info: dict[str, Any])
     has_window = ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None
     if not (has_lut or has_window):
         info["window"] = "full range (no window in the file)"
-        return _min_max(values.astype(np.float64))
+        return min_max(values.astype(np.float64))
     try:
         out = apply_voi_lut(values, ds, index=0)
         lo, hi = _voi_output_range(ds, has_lut)
@@ -266,13 +266,13 @@ def _apply_window(values: np.ndarray, ds: pydicom.Dataset, info: dict[str, Any])
         # A broken window in an otherwise good scan: show it, and say so in info and the log.
         logger.warning("ignoring the DICOM window: %s", type(exc).__name__)
         info["window"] = "full range (the file's window is invalid)"
-        return _min_max(values.astype(np.float64))
+        return min_max(values.astype(np.float64))
     if has_lut:
         info["window"] = "VOI LUT"
     else:
         info["window"] = f"center {_first(ds.WindowCenter):g}, width {_first(ds.WindowWidth):g}"
     if hi <= lo:
-        return _min_max(out.astype(np.float64))
+        return min_max(out.astype(np.float64))
     return np.clip((out.astype(np.float64) - lo) / (hi - lo), 0.0, 1.0)
 
 
