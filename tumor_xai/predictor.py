@@ -24,7 +24,7 @@ from tumor_xai.checkpoint import LoadedWeights, WeightsError, load_weights
 from tumor_xai.decode import DecodedImage, ImageSource, load_image
 from tumor_xai.ood import OodDetector, feature_vector, layout_statistics
 from tumor_xai.ood import check as ood_check
-from tumor_xai.preprocess import fit_square, quantize
+from tumor_xai.preprocess import to_square_u8
 
 __all__ = ["Prediction", "Predictor"]
 
@@ -143,8 +143,8 @@ class Predictor:
         if explain:
             self.check_options(method, target, layer, colormap, alpha)
         decoded = image if isinstance(image, DecodedImage) else load_image(image)
-        square, geometry = fit_square(decoded.gray, self.preprocess.input_size)
-        squares = quantize(square)[None]
+        square, geometry = to_square_u8(decoded.gray, self.preprocess)
+        squares = square[None]
         fast = explain and xai.is_fast_path(self.model, method, layer)
         stats = layout_statistics if self.ood is not None else None
         out = inference.forward(self.model, squares, self.preprocess, keep_maps=fast, stage_stats=stats)
