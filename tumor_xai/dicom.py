@@ -33,6 +33,7 @@ import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -56,7 +57,16 @@ from tumor_xai.inputs import (
     unreadable,
 )
 
-__all__ = ["BODY_PARTS", "MODALITIES", "Series", "SeriesFile", "decode_dicom", "looks_like_dicom", "read_series"]
+__all__ = [
+    "BODY_PARTS",
+    "MODALITIES",
+    "Series",
+    "SeriesFile",
+    "decode_dicom",
+    "looks_like_dicom",
+    "read_series",
+    "series_uid",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -415,6 +425,24 @@ class _Header:
 def looks_like_dicom(data: bytes) -> bool:
     """``DICM`` at byte 128, or a preamble-less dataset starting with a group 0002 or 0008 tag."""
     return data[128:132] == b"DICM" or (len(data) >= 8 and data[:2] in (b"\x02\x00", b"\x08\x00"))
+
+
+def series_uid(path: str | Path) -> str | None:
+    """The series a DICOM image file belongs to (only to group files; never shown), or None if it is none."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+        if not looks_like_dicom(head):
+            return None
+        with _DICOM_LOCK, pydicom.config.disable_value_validation():
+            ds = pydicom.dcmread(
+                path, force=head[128:132] != b"DICM", stop_before_pixels=True,
+                specific_tags=["SeriesInstanceUID", "Rows"],
+            )  # fmt: skip
+            uid = str(ds.get("SeriesInstanceUID") or "") if "Rows" in ds else None
+    except (*_DICOM_ERRORS, OSError):
+        return None
+    return uid
 
 
 def read_series(files: list[SeriesFile], *, max_slices: int, max_voxels: int) -> Series:
