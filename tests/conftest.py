@@ -106,8 +106,8 @@ def full_data() -> Path:
     return Path(root)
 
 
-def example_slices(n: int = 6, size: int = 96) -> np.ndarray:
-    """``n`` real example slices (uint8, ``size`` px), a bright marker in the top-left corner of each."""
+def example_slices(n: int = 6, size: int = 96, marker: bool = True) -> np.ndarray:
+    """``n`` real example slices (uint8, ``size`` px); with ``marker`` a bright square in the top-left corner."""
     from tumor_xai.decode import load_image
 
     files = sorted(EXAMPLES.glob("*.jpg"))
@@ -115,7 +115,8 @@ def example_slices(n: int = 6, size: int = 96) -> np.ndarray:
     for k in range(n):
         gray = load_image(files[k % len(files)]).gray
         out[k] = np.asarray(Image.fromarray(np.round(gray * 255).astype(np.uint8)).resize((size, size)))
-    out[:, 2:8, 2:8] = 255  # anterior-right on a radiological display: the orientation tests look for it
+    if marker:
+        out[:, 2:8, 2:8] = 255  # anterior-right on a radiological display: the orientation tests look for it
     return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,3 +88,20 @@ def test_a_volume_object_is_taken_as_it_is_and_thin_reformats_are_refused(tiny_w
     # 7 slices of 2.5 mm make 96 x 18 px coronal slices: strips, not slices like the training ones
     with pytest.raises(InvalidImageError, match="do not look like the brain MRI slices"):
         predictor.predict_volume(read_volume(scan_path, "coronal"))
+
+
+def test_scan_request_writes_every_slice_and_refuses_bad_options(tiny_weights_dir, scan_path, tmp_path, monkeypatch):
+    from tumor_xai import scan_ui, serve
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    predictor = Predictor.from_pretrained(tiny_weights_dir)
+    answer = scan_ui.scan_request(predictor, [str(scan_path)], "axial", 2, every_slice=True)
+    assert len(answer.slices) == 7 and len(answer.top) == 2
+    assert all(Path(p).parent == tmp_path / "cache" for p, _ in answer.slices) and Path(answer.csv).is_file()
+    assert answer.slices[0][1].startswith("slice 0 (") and "not assessed" in answer.slices[0][1]
+    for plane, k, message in [("oblique", 2, "plane must be one of"), ("axial", 99, "top_k must be a whole number")]:
+        with pytest.raises(serve.RequestError, match=message):
+            scan_ui.scan_request(predictor, [str(scan_path)], plane, k)
+    with pytest.raises(serve.RequestError, match="Add a NIfTI file"):
+        scan_ui.scan_request(predictor, [], "axial", 2)

@@ -149,11 +149,11 @@ def describe(data: bytes) -> str:
     if head.startswith(b"%PDF"):
         return "it is a PDF document; export the slice as PNG or JPEG"
     if head.startswith(b"PK\x03\x04"):
-        return "it is a ZIP archive; unzip it and choose one image, or use the Scan tab for a DICOM series"
+        return "it is a ZIP archive; unzip it and choose one image (the Scan tab reads a zip of a DICOM series)"
     if head.startswith(b"\x1f\x8b"):
-        return "it is gzip-compressed (a .gz file, e.g. a NIfTI volume); use the Scan tab for a whole volume"
+        return "it is gzip-compressed (a .gz file, e.g. a NIfTI volume: the Scan tab reads whole volumes)"
     if len(data) >= 348 and data[344:348] in (b"n+1\x00", b"ni1\x00"):
-        return "it is a NIfTI volume; use the Scan tab (or predict_volume) for a whole volume"
+        return "it is a NIfTI volume; the Scan tab (or Predictor.predict_volume) reads whole volumes"
     if head[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftypavif"):
         return "it is a HEIC/AVIF photo; export it as JPEG or PNG"
     text = head.decode("utf-8", errors="replace")

@@ -39,7 +39,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from tumor_xai.inputs import DECODER_ERRORS, DecodedImage, InvalidImageError
+from tumor_xai.inputs import DECODER_ERRORS, DecodedImage, InvalidImageError, describe
 
 __all__ = [
     "MAX_BYTES",
@@ -234,6 +234,14 @@ def _check_nifti_shape(name: str, shape: tuple[int, ...], dtype: np.dtype) -> No
 def _read_dicom(paths: list[Path]) -> tuple[np.ndarray, np.ndarray, dict, list[str]]:
     from tumor_xai import dicom
 
+    if len(paths) == 1 and paths[0].is_file() and not zipfile.is_zipfile(paths[0]):
+        with open(paths[0], "rb") as f:
+            head = f.read(600)
+        if not dicom.looks_like_dicom(head):
+            raise InvalidImageError(
+                f"'{paths[0].name}' is not a scan this tool can read: {describe(head)}. Use a NIfTI file "
+                "(.nii, .nii.gz), the DICOM files of one series, or a zip of them."
+            )
     archive = None
     try:
         if len(paths) == 1 and paths[0].is_file() and zipfile.is_zipfile(paths[0]):
