@@ -233,3 +233,13 @@ def test_tcia_dev_volume_and_mask_share_one_grid():
     assert scan.slices.shape == (24, 256, 256) and mask.any()
     tumour = np.flatnonzero(mask.any(axis=(1, 2)))
     assert np.all(np.diff(tumour) == 1)  # one contiguous run of tumour slices
+
+
+@pytest.mark.parametrize("slope", [1.0, 2.5])
+def test_integer_nifti_with_or_without_scaling_reads_like_float(tmp_path, slope):
+    slices = example_slices(3)
+    reference = read_volume(make_nifti(tmp_path / "f.nii", slices))
+    img = nib.Nifti1Image(np.transpose(slices, (2, 1, 0)).astype(np.int16), np.diag([-1.0, -1.0, 2.5, 1.0]))
+    img.header.set_slope_inter(slope, 0.0)
+    nib.save(img, str(tmp_path / "i.nii.gz"))
+    np.testing.assert_allclose(read_volume(tmp_path / "i.nii.gz").slices, reference.slices, atol=1e-5)

@@ -381,7 +381,7 @@ class SeriesFile:
 class Series:
     """A DICOM series' slices in anatomical order, before any window: modality-LUT values and geometry."""
 
-    values: np.ndarray  # float32 (N, rows, cols): rescaled values (MONOCHROME1 not yet inverted)
+    values: np.ndarray  # (N, rows, cols): rescaled values, stored integers or float32 (MONOCHROME1 not yet inverted)
     positions: np.ndarray  # (N,) mm along the slice normal, increasing
     row_cosine: np.ndarray  # (3,) LPS direction of increasing column index
     column_cosine: np.ndarray  # (3,) LPS direction of increasing row index
@@ -649,9 +649,7 @@ def _single_frames(chosen: list[_Header], notes: list[str]) -> Series:
         step = first.step or 1.0
         positions = (keys[keep] - keys[keep[0]]) * step
     _report_gaps(positions, step, notes)
-    values = np.empty((len(headers), first.rows, first.columns), dtype=np.float32)
-    for n, h in enumerate(headers):
-        values[n] = _frame_values(h.source)
+    values = _stack([h.source for h in headers], (first.rows, first.columns))
     origin = headers[0].position if headers[0].position is not None else np.zeros(3)
     return Series(
         values,
@@ -703,8 +701,26 @@ def _report_gaps(positions: np.ndarray, step: float, notes: list[str]) -> None:
         notes.append(f"{len(gaps)} gap(s) in the series, where slices seem to be missing: {where}{more}.")
 
 
+def _stack(files: list[SeriesFile], shape: tuple[int, int]) -> np.ndarray:
+    """The files' slices in one array, kept in their stored integer type (half the memory of float32 for a
+    16-bit series) until a slice needs more (a rescaled or wider one), then float32 from there on."""
+    values: np.ndarray | None = None
+    for n, f in enumerate(files):
+        frame = _frame_values(f)
+        if frame.shape != shape:
+            raise InvalidImageError(f"'{f.name}' does not hold one slice of {shape[1]} x {shape[0]} pixels.")
+        if values is None:
+            small_int = frame.dtype.kind in "iu" and frame.dtype.itemsize <= 2
+            values = np.empty((len(files), *shape), dtype=frame.dtype if small_int else np.float32)
+        elif values.dtype != np.float32 and not np.can_cast(frame.dtype, values.dtype):
+            values = values.astype(np.float32)
+        values[n] = frame
+    return values
+
+
 def _frame_values(f: SeriesFile) -> np.ndarray:
-    """Modality-LUT values of one file's pixels: (rows, cols), or (frames, rows, cols) for a multi-frame file."""
+    """Modality-LUT values of one file's pixels: (rows, cols), or (frames, rows, cols) for a multi-frame file;
+    stored integers stay integers when the file has no rescale."""
     data = f.read()
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=data[128:132] != b"DICM", specific_tags=_SERIES_TAGS)
@@ -718,7 +734,7 @@ def _frame_values(f: SeriesFile) -> np.ndarray:
         arr = pixel_array(ds)  # every frame of a multi-frame file
         if ds.get("RescaleSlope") is not None or ds.get("ModalityLUTSequence"):
             arr = apply_modality_lut(arr, ds)
-        values = np.asarray(arr, dtype=np.float32)
+        values = arr if arr.dtype.kind in "iu" else np.asarray(arr, dtype=np.float32)
     except InvalidImageError:
         raise
     except _DICOM_ERRORS as exc:
@@ -728,6 +744,6 @@ def _frame_values(f: SeriesFile) -> np.ndarray:
         failure = None
     if failure:
         raise InvalidImageError(failure)
-    if not np.isfinite(values).all():
+    if values.dtype.kind == "f" and not np.isfinite(values).all():
         raise InvalidImageError(f"'{f.name}' holds pixel values that are not finite numbers.")
     return values

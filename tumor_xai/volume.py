@@ -181,8 +181,7 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, dict, list[str]]:
             _check_nifti_shape(name, shape, dtype)
             if len(shape) > 3:
                 notes.append(f"The file holds {int(np.prod(shape[3:]))} volumes; the first was read.")
-            proxy = img.dataobj[(...,) + (0,) * (len(shape) - 3)] if len(shape) > 3 else img.dataobj
-            data = np.asarray(proxy, dtype=np.float32)
+            data = _nifti_voxels(img, shape)
             affine = img.affine
     except InvalidImageError:
         raise
@@ -200,6 +199,19 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, dict, list[str]]:
     codes = "".join(nib.aff2axcodes(affine))
     info = {"source": "NIfTI", "format": "NIfTI", "shape": list(data.shape), "orientation": codes}
     return data, affine, info, notes
+
+
+def _nifti_voxels(img, shape: tuple[int, ...]) -> np.ndarray:
+    """The first 3-D volume: stored 8/16-bit integers as they are when unscaled (half the memory of float32
+    for a 16-bit scan; the window is applied later), anything else as float32."""
+    proxy = img.dataobj
+    if len(shape) > 3:
+        return np.asarray(proxy[(...,) + (0,) * (len(shape) - 3)], dtype=np.float32)
+    dtype = np.dtype(img.header.get_data_dtype())
+    slope, inter = getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0)
+    if dtype.kind in "iu" and dtype.itemsize <= 2 and slope == 1.0 and inter == 0.0:
+        return np.asarray(proxy.get_unscaled())
+    return np.asarray(proxy, dtype=np.float32)
 
 
 def _nifti_class(path: Path):
@@ -378,7 +390,7 @@ def _to_slices(
 
 def _window(data: np.ndarray) -> tuple[float, float]:
     """One intensity window for the volume: the background's low percentile to the head's high one."""
-    flat = data.reshape(-1)
+    flat = np.ravel(data, order="K")  # memory order: a view for a transposed stack, not a copy
     sample = flat[:: max(1, flat.size // _WINDOW_SAMPLES)].astype(np.float32)
     lo = float(np.percentile(sample, _WINDOW[0]))
     top = float(np.percentile(sample, 99.9))
