@@ -381,7 +381,7 @@ class SeriesFile:
 class Series:
     """A DICOM series' slices in anatomical order, before any window: modality-LUT values and geometry."""
 
-    values: np.ndarray  # (N, rows, cols): rescaled values, stored integers or float32 (MONOCHROME1 not yet inverted)
+    values: np.ndarray  # float32 (N, rows, cols): rescaled values (MONOCHROME1 not yet inverted)
     positions: np.ndarray  # (N,) mm along the slice normal, increasing
     row_cosine: np.ndarray  # (3,) LPS direction of increasing column index
     column_cosine: np.ndarray  # (3,) LPS direction of increasing row index
@@ -702,25 +702,19 @@ def _report_gaps(positions: np.ndarray, step: float, notes: list[str]) -> None:
 
 
 def _stack(files: list[SeriesFile], shape: tuple[int, int]) -> np.ndarray:
-    """The files' slices in one array, kept in their stored integer type (half the memory of float32 for a
-    16-bit series) until a slice needs more (a rescaled or wider one), then float32 from there on."""
-    values: np.ndarray | None = None
+    """The files' slices in one float32 array: for the usual axial series this array becomes the displayed
+    slices as it is (windowed in place), so float32 here costs less than a 16-bit stack plus a float copy."""
+    values = np.empty((len(files), *shape), dtype=np.float32)
     for n, f in enumerate(files):
         frame = _frame_values(f)
         if frame.shape != shape:
             raise InvalidImageError(f"'{f.name}' does not hold one slice of {shape[1]} x {shape[0]} pixels.")
-        if values is None:
-            small_int = frame.dtype.kind in "iu" and frame.dtype.itemsize <= 2
-            values = np.empty((len(files), *shape), dtype=frame.dtype if small_int else np.float32)
-        elif values.dtype != np.float32 and not np.can_cast(frame.dtype, values.dtype):
-            values = values.astype(np.float32)
         values[n] = frame
     return values
 
 
 def _frame_values(f: SeriesFile) -> np.ndarray:
-    """Modality-LUT values of one file's pixels: (rows, cols), or (frames, rows, cols) for a multi-frame file;
-    stored integers stay integers when the file has no rescale."""
+    """Modality-LUT values of one file's pixels: (rows, cols), or (frames, rows, cols) for a multi-frame file."""
     data = f.read()
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=data[128:132] != b"DICM", specific_tags=_SERIES_TAGS)

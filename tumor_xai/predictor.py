@@ -193,7 +193,7 @@ class Predictor:
         plane: str = "axial",
         top_k: int = 5,
         *,
-        batch_size: int = 16,
+        batch_size: int = 8,
         progress: Callable[[float, str], None] | None = None,
         refuse_out_of_distribution: bool = True,
     ) -> ScanPrediction:

@@ -120,7 +120,7 @@ def read_mask(path: str | os.PathLike, plane: str = "axial", like: Volume | None
     (same reorientation and resampling, nearest neighbour); ``like`` checks that the grids agree."""
     _check_plane(plane)
     data, affine, _, _ = _read_nifti(Path(path))
-    slices, _, _ = _to_slices((data > 0.5).astype(np.float32), affine, plane, cv2.INTER_NEAREST)
+    slices, _, _ = _to_slices(np.asfortranarray(data > 0.5, dtype=np.float32), affine, plane, cv2.INTER_NEAREST)
     if like is not None and slices.shape != like.slices.shape:
         raise InvalidImageError(
             f"The mask's slices are {slices.shape}, its scan's {like.slices.shape}: they are not on one grid."
@@ -379,12 +379,20 @@ def _to_slices(
     if max(size) > MAX_SIDE:
         scale = MAX_SIDE / max(size)
         size, spacing = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale))), spacing / scale
-    out = np.empty((n, size[1], size[0]), dtype=np.float32)
-    stack = np.moveaxis(data, axis, 0)  # (N, width axis b, height axis c), a view
-    for i in range(n):
-        shown = np.ascontiguousarray(stack[i, ::-1, ::-1].T, dtype=np.float32)
-        out[i] = shown if shown.shape == out.shape[1:] else cv2.resize(shown, size, interpolation=interpolation)
+    shown = np.moveaxis(data, axis, 0)[:, ::-1, ::-1].transpose(0, 2, 1)  # (N, H, W) as displayed, a view
     positions = affine[axis, axis] * np.arange(n) + affine[axis, 3]
+    if (
+        shown.dtype == np.float32
+        and shown.flags.c_contiguous
+        and shown.flags.writeable
+        and shown.shape[1:] == (size[1], size[0])
+    ):
+        # The usual axial series or LPS NIfTI: stored as displayed, so the stack is used as it is (no copy)
+        return shown, positions.astype(np.float64), spacing
+    out = np.empty((n, size[1], size[0]), dtype=np.float32)
+    for i in range(n):
+        one = np.ascontiguousarray(shown[i], dtype=np.float32)
+        out[i] = one if one.shape == out.shape[1:] else cv2.resize(one, size, interpolation=interpolation)
     return out, positions.astype(np.float64), spacing
 
 
