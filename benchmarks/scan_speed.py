@@ -11,7 +11,8 @@ In process with ``--threads`` torch threads (default 2), median of ``--repeats``
 printed too. With ``--app`` it then starts ``python app.py`` (the shipped weights, default settings: two
 predictions at once, one torch thread each), sends each scan to ``/predict_scan`` with ``gradio_client``
 (the series as 200 files), and prints the wall time and the server's peak memory (VmHWM), bar 1.5 GB.
-Also times the Scan tab's extra work for the series: an overlay for every slice, for the slider.
+Also times the Scan tab's path for the series (the same plus the browsable slices written to the cache) and
+one slider step (one slice's overlay drawn on request).
 """
 
 from __future__ import annotations
@@ -179,14 +180,20 @@ def main(argv: list[str] | None = None) -> int:
                 f"{name}: end to end {statistics.median(times):.2f} s median of {args.repeats} "
                 f"({', '.join(f'{t:.2f}' for t in times)}), bar {bars[name]:g} s"
             )
-        from tumor_xai.scan_ui import scan_request
+        from tumor_xai.scan_ui import browse_slice, scan_request
 
         os.environ["GRADIO_TEMP_DIR"] = str(tmp / "tab")
         start = time.perf_counter()
-        answer = scan_request(predictor, [str(f) for f in series], "axial", 5, every_slice=True)
+        answer = scan_request(predictor, [str(f) for f in series], "axial", 5, browsable=True)
+        tab = time.perf_counter() - start
+        steps = []
+        for i in range(0, 200, 20):
+            start = time.perf_counter()
+            browse_slice(answer.browse, i)
+            steps.append(time.perf_counter() - start)
         print(
-            f"Scan tab, 512x512x200 series with an overlay for every slice (the slider): "
-            f"{time.perf_counter() - start:.2f} s for {len(answer.slices)} slices"
+            f"Scan tab, 512x512x200 series: {tab:.2f} s to the first answer; one slider step "
+            f"{1000 * statistics.median(steps):.0f} ms (median of {len(steps)})"
         )
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"in-process peak RSS (this benchmark, test helpers and gradio included): {peak:.0f} MB")

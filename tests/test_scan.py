@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import CLASSES, example_slices, make_nifti
+from PIL import Image
 from test_volume import series_files
 
 from tumor_xai import Predictor
@@ -96,10 +97,20 @@ def test_scan_request_writes_every_slice_and_refuses_bad_options(tiny_weights_di
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "cache"))
     (tmp_path / "cache").mkdir()
     predictor = Predictor.from_pretrained(tiny_weights_dir)
-    answer = scan_ui.scan_request(predictor, [str(scan_path)], "axial", 2, every_slice=True)
-    assert len(answer.slices) == 7 and len(answer.top) == 2
-    assert all(Path(p).parent == tmp_path / "cache" for p, _ in answer.slices) and Path(answer.csv).is_file()
-    assert answer.slices[0][1].startswith("slice 0 (") and "not assessed" in answer.slices[0][1]
+    answer = scan_ui.scan_request(predictor, [str(scan_path)], "axial", 2, browsable=True)
+    assert len(answer.top) == 2 and Path(answer.csv).is_file()
+    image, caption = scan_ui.browse_slice(answer.browse, 0)
+    assert Path(image).parent == tmp_path / "cache" and caption.startswith("slice 0 (") and "not assessed" in caption
+    image, caption = scan_ui.browse_slice(answer.browse, answer.scan.top[0])
+    with Image.open(image) as shown:  # drawn on the slice's own pixels
+        assert shown.size == (96, 96) and shown.mode == "RGB"
+    assert caption == answer.scan.caption(answer.scan.top[0])
+    with pytest.raises(serve.RequestError, match="no slice 7"):
+        scan_ui.browse_slice(answer.browse, 7)
+    for path in (answer.browse["slices"], answer.browse["cams"]):
+        Path(path).unlink()
+    with pytest.raises(serve.RequestError, match="no longer on the server"):
+        scan_ui.browse_slice(answer.browse, 1)
     for plane, k, message in [("oblique", 2, "plane must be one of"), ("axial", 99, "top_k must be a whole number")]:
         with pytest.raises(serve.RequestError, match=message):
             scan_ui.scan_request(predictor, [str(scan_path)], plane, k)

@@ -26,7 +26,15 @@ from tumor_xai.preprocess import Geometry
 from tumor_xai.report import write_csv
 from tumor_xai.volume import Volume
 
-__all__ = ["MIN_HEAD_AREA", "ScanPrediction", "curve_figure", "scan_columns", "summary_markdown", "write_scan"]
+__all__ = [
+    "MIN_HEAD_AREA",
+    "ScanPrediction",
+    "curve_figure",
+    "scan_columns",
+    "slice_overlay",
+    "summary_markdown",
+    "write_scan",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -74,10 +82,8 @@ class ScanPrediction:
         self, index: int, colormap: str = xai.DEFAULT_COLORMAP, alpha: float = xai.DEFAULT_ALPHA
     ) -> Image.Image:
         """Slice ``index`` with its heatmap; an excluded slice is shown without one."""
-        gray = self.volume.slices[index]
-        if self.excluded[index] is not None:
-            return Image.fromarray(np.round(gray * 255.0).astype(np.uint8)).convert("RGB")
-        return xai.overlay(gray, self.heatmap(index), colormap, alpha)
+        cam = None if self.excluded[index] is not None else self.cams[index]
+        return slice_overlay(self.volume.slices[index], cam, self.geometry, self.input_size, colormap, alpha)
 
     def caption(self, index: int) -> str:
         """One line about slice ``index``: where it is and what the model says (or why it does not)."""
@@ -147,6 +153,22 @@ class ScanPrediction:
         if self.negative_class is not None:
             mean[self.class_names.index(self.negative_class)] = -1.0
         return self.class_names[int(np.argmax(mean))]
+
+
+def slice_overlay(
+    gray: np.ndarray,
+    cam: np.ndarray | None,
+    geometry: Geometry,
+    input_size: int,
+    colormap: str = xai.DEFAULT_COLORMAP,
+    alpha: float = xai.DEFAULT_ALPHA,
+) -> Image.Image:
+    """A slice (H x W in [0, 1]) with its low-resolution Grad-CAM ``cam`` drawn on it; ``None``: the slice alone."""
+    if cam is None:
+        return Image.fromarray(np.round(np.clip(gray, 0.0, 1.0) * 255.0).astype(np.uint8)).convert("RGB")
+    heat = xai.normalize_cams(cam[None], input_size)[0]
+    heat = np.clip(geometry.to_original(heat), 0.0, 1.0).astype(np.float32)
+    return xai.overlay(np.asarray(gray, dtype=np.float32), heat, colormap, alpha)
 
 
 def scan_columns(class_names: list[str]) -> list[str]:

@@ -11,6 +11,7 @@ hold their volumes in memory together and single-slice requests keep their slots
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import tempfile
 from collections.abc import Callable
@@ -19,19 +20,21 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import numpy as np
 from gradio.data_classes import FileData
 
 from tumor_xai import report, serve
 from tumor_xai.inputs import InvalidImageError
 from tumor_xai.predictor import Predictor
-from tumor_xai.scan import ScanPrediction, curve_figure, scan_columns, summary_markdown
+from tumor_xai.preprocess import Geometry
+from tumor_xai.scan import ScanPrediction, curve_figure, scan_columns, slice_overlay, summary_markdown
 from tumor_xai.volume import PLANES, read_volume
 
-__all__ = ["MAX_TOP_K", "ScanAnswer", "scan_api", "scan_request", "scan_tab"]
+__all__ = ["MAX_TOP_K", "ScanAnswer", "browse_slice", "scan_api", "scan_request", "scan_tab"]
 
 MAX_TOP_K = 12
 SCAN_QUEUE = "scan"  # concurrency id: one scan at a time
-SCAN_FILE_TYPES = [".nii", ".gz", ".dcm", ".zip", ".dicom", ".ima"]
+BROWSE_FOLDER = "scans"  # the slices and Grad-CAMs a page browses, kept as long as the cache keeps files
 
 
 @dataclass
@@ -41,7 +44,7 @@ class ScanAnswer:
     scan: ScanPrediction
     csv: str
     top: list[tuple[str, str]]  # (overlay JPEG, caption) for the most suspicious slices
-    slices: list[tuple[str, str]] | None  # (overlay JPEG, caption) for every slice, when asked for
+    browse: dict | None  # what :func:`browse_slice` needs to draw any slice later (files in the cache)
 
 
 def _options(plane: Any, top_k: Any) -> tuple[str, int]:
@@ -62,11 +65,13 @@ def scan_request(
     plane: Any = "axial",
     top_k: Any = 5,
     *,
-    every_slice: bool = False,
+    browsable: bool = False,
     progress: Callable[[float, str], None] | None = None,
 ) -> ScanAnswer:
     """Read the uploaded scan (one NIfTI, DICOM files of one series, or a zip), classify every slice and
-    write the CSV and the overlays (of every slice with ``every_slice``); failures are RequestError."""
+    write the CSV and the top slices' overlays; failures are RequestError. With ``browsable`` the slices
+    (uint8) and their Grad-CAMs go to the cache too, so :func:`browse_slice` draws any one of them on request
+    without the scan staying in memory."""
     plane, k = _options(plane, top_k)
     paths = [serve.request_path(f) for f in files or []]
     if not paths:
@@ -89,23 +94,53 @@ def scan_request(
     csv_path = _cache_file("tumor-xai-scan-", ".csv")
     report.write_csv(csv_path, scan.rows(), scan_columns(scan.class_names))
     top = [(serve.save_jpeg(scan.overlay(i)), scan.caption(i)) for i in scan.top]
-    slices = None
-    if every_slice:
-        slices = []
-        for i in range(len(volume)):
-            if i % 8 == 0:
-                report_progress(0.8 + 0.2 * i / len(volume), f"drawing slice {i + 1} of {len(volume)}")
-            slices.append((serve.save_jpeg(scan.overlay(i)), scan.caption(i)))
-    return ScanAnswer(scan, csv_path, top, slices)
+    browse = _browsable(scan) if browsable else None
+    return ScanAnswer(scan, csv_path, top, browse)
 
 
-def _cache_file(prefix: str, suffix: str) -> str:
-    """A new file in the cache root (like the overlays): a folder of its own could be swept while still empty."""
-    root = serve.cache_root()
-    root.mkdir(parents=True, exist_ok=True)
-    fd, path = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=root)
-    os.close(fd)
-    return path
+def _browsable(scan: ScanPrediction) -> dict:
+    """The slices (uint8) and Grad-CAMs as .npy files in the cache, with what drawing one needs (small, JSON-ready)."""
+    slices = _cache_file("tumor-xai-slices-", ".npy", BROWSE_FOLDER)
+    np.save(slices, np.round(scan.volume.slices * 255.0).astype(np.uint8))
+    cams = _cache_file("tumor-xai-cams-", ".npy", BROWSE_FOLDER)
+    np.save(cams, scan.cams.astype(np.float32))
+    return {
+        "slices": slices,
+        "cams": cams,
+        "geometry": dataclasses.asdict(scan.geometry),
+        "input_size": scan.input_size,
+        "assessed": [e is None for e in scan.excluded],
+        "captions": [scan.caption(i) for i in range(len(scan.volume))],
+    }
+
+
+def browse_slice(state: dict, index: int) -> tuple[str, str]:
+    """(overlay JPEG, caption) of slice ``index`` of a :func:`scan_request` answer's ``browse`` state."""
+    if not 0 <= index < len(state["captions"]):
+        raise serve.RequestError(f"There is no slice {index} in this scan.", "No such slice")
+    try:
+        gray = np.load(state["slices"], mmap_mode="r")[index].astype(np.float32) / 255.0
+        cam = np.load(state["cams"], mmap_mode="r")[index] if state["assessed"][index] else None
+    except (OSError, ValueError):
+        raise serve.RequestError("This scan is no longer on the server; read it again.", "Scan expired") from None
+    image = slice_overlay(gray, cam, Geometry(**state["geometry"]), state["input_size"])
+    return serve.save_jpeg(image), state["captions"][index]
+
+
+def _cache_file(prefix: str, suffix: str, folder: str | None = None) -> str:
+    """A new, empty file in the cache root (Gradio serves a copy; the sweep deletes it within a minute), or in
+    ``folder`` under it, where it lives the cache's full age. The file is made at once: an empty folder of its
+    own could be swept before anything is written into it."""
+    for _ in range(3):
+        where = serve.cache_root() / folder if folder else serve.cache_root()
+        where.mkdir(parents=True, exist_ok=True)
+        try:
+            fd, path = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=where)
+        except FileNotFoundError:  # swept between mkdir and mkstemp: make it again
+            continue
+        os.close(fd)
+        return path
+    raise serve.RequestError("The server could not write to its cache folder.", "Server error")
 
 
 def _curve_png(scan: ScanPrediction) -> str:
@@ -158,34 +193,37 @@ def scan_tab(predictor: Predictor, args: argparse.Namespace, readable: Callable)
             gallery = gr.Gallery(label="Most suspicious slices", columns=3, elem_id="scan-gallery")
             csv = gr.File(label="Per-slice results (CSV)", interactive=False, elem_id="scan-csv")
     gr.Markdown(report.DISCLAIMER)
-    slices = gr.State([], time_to_live=args.cache_age)  # (overlay path, caption) per slice; paths only
+    browse = gr.State(None, time_to_live=args.cache_age)  # file paths and captions only; the scan is not kept
 
     @readable
     def run(uploaded, plane_value, k, progress=gr.Progress()):  # noqa: B008 (Gradio's way to ask for a progress bar)
         if not uploaded:
             return (gr.skip(),) * 8
         answer = scan_request(
-            predictor, uploaded, plane_value, k, every_slice=True, progress=lambda f, t: progress(f, desc=t)
+            predictor, uploaded, plane_value, k, browsable=True, progress=lambda f, t: progress(f, desc=t)
         )
-        first = answer.scan.top[0] if answer.scan.top else len(answer.slices) // 2
+        n = len(answer.scan.volume)
+        first = answer.scan.top[0] if answer.scan.top else n // 2
+        image, text = browse_slice(answer.browse, first)
         return (
             summary_markdown(answer.scan),
             curve_figure(answer.scan),
-            gr.Slider(0, max(1, len(answer.slices) - 1), value=first, step=1, visible=True),
-            answer.slices[first][0],
-            answer.slices[first][1],
+            gr.Slider(0, max(1, n - 1), value=first, step=1, visible=True),
+            image,
+            text,
             answer.top,
             answer.csv,
-            answer.slices,
+            answer.browse,
         )
 
-    def browse(i, state):
-        if not state or i is None or not 0 <= int(i) < len(state):
+    @readable
+    def show(i, state):
+        if not state or i is None:
             return gr.skip(), gr.skip()
-        return state[int(i)]
+        return browse_slice(state, int(i))
 
-    outputs = [summary, curve, index, shown, caption, gallery, csv, slices]
+    outputs = [summary, curve, index, shown, caption, gallery, csv, browse]
     listen = {"api_visibility": "private", "trigger_mode": "always_last", "concurrency_id": SCAN_QUEUE}
     for event in (files.upload, go.click, plane.change):
         event(run, [files, plane, top_k], outputs, concurrency_limit=1, **listen)
-    index.change(browse, [index, slices], [shown, caption], api_visibility="private", show_progress="hidden")
+    index.change(show, [index, browse], [shown, caption], api_visibility="private", show_progress="hidden")
