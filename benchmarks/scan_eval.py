@@ -6,7 +6,9 @@ Every scan goes through :meth:`Predictor.predict_volume` (axial, as the app read
 so that every scan is scored); a slice is a tumour slice when its mask holds tumour. Over the slices the
 scan assesses, it prints the screening flag's and the argmax label's sensitivity and specificity, and
 whether the top-k slices hold tumour; with ``--out`` it writes ``scan_eval.json``/``.md`` and each scan's
-curve (with the mask's tumour slices shaded) as ``<patient>_<scan>.png``.
+curve (with the mask's tumour slices shaded) as ``<patient>_<scan>.png``, and ``orientation.png``: the first
+scan's axial, coronal and sagittal middle slices as read, beside training slices (``--training DIR``) for the
+display convention (anterior or superior up, the patient's left on the image's right).
 """
 
 from __future__ import annotations
@@ -48,6 +50,27 @@ def rates(flag: np.ndarray, truth: np.ndarray) -> dict[str, float | int]:
     }
 
 
+def orientation_figure(scan: Path, training: Path | None):
+    """The scan's middle slice in each plane as read, beside up to three training slices."""
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    panels = []
+    for plane in ("axial", "coronal", "sagittal"):
+        volume = read_volume(scan, plane)
+        panels.append((f"{scan.parent.name} {plane} {len(volume) // 2}", volume.slices[len(volume) // 2]))
+    for path in sorted(training.glob("*.jpg"))[:3] if training else []:
+        panels.append((f"training: {path.name}", np.asarray(Image.open(path).convert("L"))))
+    fig = Figure(figsize=(2.6 * len(panels), 3.0), dpi=100)
+    for k, (title, image) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), k + 1)
+        ax.imshow(image, cmap="gray", aspect="equal")
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -57,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=None, help="folder for scan_eval.json/.md and the curves")
+    p.add_argument(
+        "--training", type=Path, default=None, help="a Training/<class> folder to show beside (orientation.png)"
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     predictor = Predictor.from_pretrained(args.weights)
@@ -104,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     label_all = rates(np.concatenate(labels), np.concatenate(truths))
     k = args.top_k
     lines = [
-        f"weights: {predictor.weights.path}; {len(found)} scans from {args.data}; threshold {predictor.threshold}",
+        f"weights: {predictor.weights.path.name}/; {len(found)} scans from {args.data}; threshold {predictor.threshold}",
         "",
         f"| scan | slices (assessed) | tumour slices | flag sens / spec | label sens / spec | top-{k} holding tumour | top-1 tumour? |",
         "|---|---|---|---|---|---|---|",
@@ -128,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("\n".join(lines))
     if args.out:
+        orientation_figure(found[0][1], args.training).savefig(args.out / "orientation.png")
         result = {"scans": per_scan, "flag": flag_all, "label": label_all, "top_k": k, "threshold": predictor.threshold}
         (args.out / "scan_eval.json").write_text(json.dumps(result, indent=2))
         (args.out / "scan_eval.md").write_text("\n".join(lines) + "\n")

@@ -7,8 +7,9 @@ the per-slice CSV and the curve PNG, as ``python -m tumor_xai.predict`` writes t
   without it, one stacked from the example slices), bar 3 s;
 * a 512 x 512 x 200 DICOM series of 200 files (16-bit MR, written here from the example slices), bar 20 s.
 
-In process with ``--threads`` torch threads (default 2), median of ``--repeats``; the process's peak RSS is
-printed too. With ``--app`` it then starts ``python app.py`` (the shipped weights, default settings: two
+In process with ``--threads`` torch threads (default 2), median of ``--repeats``: wall time and the process's
+CPU time (on a machine that other work keeps busy, ``--threads 1`` CPU time is the honest figure: what one
+idle core would take), and the process's peak RSS. With ``--app`` it then starts ``python app.py`` (the shipped weights, default settings: two
 predictions at once, one torch thread each), sends each scan to ``/predict_scan`` with ``gradio_client``
 (the series as 200 files), and prints the wall time and the server's peak memory (VmHWM), bar 1.5 GB.
 Also times the Scan tab's path for the series (the same plus the browsable slices written to the cache) and
@@ -87,11 +88,12 @@ def series_512(folder: Path, n: int = 200) -> list[Path]:
     return paths
 
 
-def end_to_end(predictor: Predictor, source, out: Path) -> float:
-    start = time.perf_counter()
+def end_to_end(predictor: Predictor, source, out: Path) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) for one scan read, classified and written."""
+    start, cpu = time.perf_counter(), time.process_time()
     scan = predictor.predict_volume(read_volume(source), top_k=5)
     write_scan(scan, out)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def vm_hwm_mb(pid: int) -> float:
@@ -175,10 +177,12 @@ def main(argv: list[str] | None = None) -> int:
         for name, files in cases.items():
             source = files[0] if len(files) == 1 else files
             end_to_end(predictor, source, tmp / "warm")  # warm-up: first calls allocate
-            times = [end_to_end(predictor, source, tmp / f"out{r}") for r in range(args.repeats)]
+            runs = [end_to_end(predictor, source, tmp / f"out{r}") for r in range(args.repeats)]
+            times, cpus = [w for w, _ in runs], [c for _, c in runs]
             print(
-                f"{name}: end to end {statistics.median(times):.2f} s median of {args.repeats} "
-                f"({', '.join(f'{t:.2f}' for t in times)}), bar {bars[name]:g} s"
+                f"{name}: end to end {statistics.median(times):.2f} s wall, {statistics.median(cpus):.2f} s CPU, "
+                f"median of {args.repeats} (wall {', '.join(f'{t:.2f}' for t in times)}), bar {bars[name]:g} s; "
+                f"load average {os.getloadavg()[0]:.2f}"
             )
         from tumor_xai.scan_ui import browse_slice, scan_request
 

@@ -231,7 +231,8 @@ class Predictor:
             cams.append(cam.numpy())
             distances = self.ood.distance(feature_vector(out)).tolist() if self.ood is not None else None
             for j, square in enumerate(squares):
-                excluded.append(self._slice_reason(volume, start + j, square, distances, j, MIN_HEAD_AREA))
+                distance = None if distances is None else distances[j]
+                excluded.append(self._slice_reason(volume.slice_image(start + j), square, distance, MIN_HEAD_AREA))
         report(1.0, "summarising")
         probs = np.concatenate(probabilities)
         negative = self.decision.negative_index
@@ -241,20 +242,29 @@ class Predictor:
         rank = tumor if tumor is not None else probs.max(axis=1)
         top = sorted(counted, key=lambda i: -rank[i])[: max(0, top_k)]
         return ScanPrediction(
-            volume, list(self.class_names), probs, tumor, self.threshold, excluded, np.concatenate(cams),
-            geometry, self.preprocess.input_size, top, self.decision.negative_class,
-        )  # fmt: skip
+            volume=volume,
+            class_names=list(self.class_names),
+            probabilities=probs,
+            tumor_probability=tumor,
+            threshold=self.threshold,
+            excluded=excluded,
+            cams=np.concatenate(cams),
+            geometry=geometry,
+            input_size=self.preprocess.input_size,
+            top=top,
+            negative_class=self.decision.negative_class,
+        )
 
     def _slice_reason(
-        self, volume: Volume, index: int, square: np.ndarray, distances: list[float] | None, j: int, min_head: float
+        self, image: DecodedImage, square: np.ndarray, distance: float | None, min_head: float
     ) -> str | None:
-        """Why slice ``index`` does not count (too little head, or out of distribution), or None."""
+        """Why a scan's slice does not count (too little head, or out of distribution), or None."""
         stats = head_shape(square)
         if stats["head_area"] < min_head:
             return f"too little head ({stats['head_area']:.0%} of the slice)"
-        reason = cheap_checks(volume.slice_image(index))
+        reason = cheap_checks(image)
         if reason is None and self.ood is not None:
-            reason = self.ood.shape_reason(stats) or self.ood.reason(distances[j])
+            reason = self.ood.shape_reason(stats) or self.ood.reason(distance)
         return None if reason is None else f"out of distribution: {reason}"
 
 
