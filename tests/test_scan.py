@@ -116,3 +116,15 @@ def test_scan_request_writes_every_slice_and_refuses_bad_options(tiny_weights_di
             scan_ui.scan_request(predictor, [str(scan_path)], plane, k)
     with pytest.raises(serve.RequestError, match="Add a NIfTI file"):
         scan_ui.scan_request(predictor, [], "axial", 2)
+
+
+def test_tcia_dev_volume_end_to_end(tiny_weights_dir, tmp_path):
+    from test_volume import TCIA
+
+    if not TCIA.is_dir():
+        pytest.skip("TUMOR_XAI_DATA is not set (the TCIA dev volumes are its sibling)")
+    scan = Predictor.from_pretrained(tiny_weights_dir).predict_volume(TCIA / "PGBM-002" / "Post_Scan_T1.nii.gz")
+    assert len(scan.rows()) == 24 and scan.volume.slices.shape[1:] == (256, 256)
+    assert all(e is not None and e.startswith("too little head") for e in scan.excluded[20:])  # empty top slices
+    paths = write_scan(scan, tmp_path / "out")
+    assert paths["curve"].is_file()
