@@ -35,7 +35,7 @@ from typing import Any  # noqa: E402
 import gradio as gr  # noqa: E402
 from gradio.data_classes import FileData  # noqa: E402
 
-from tumor_xai import Prediction, Predictor, WeightsError, report  # noqa: E402
+from tumor_xai import Prediction, Predictor, WeightsError, report, scan_ui  # noqa: E402
 from tumor_xai import explain as xai  # noqa: E402
 from tumor_xai.serve import get_args_parser  # noqa: E402
 
@@ -217,6 +217,8 @@ def build_demo(predictor: Predictor, args: argparse.Namespace | None = None) -> 
                 _single_tab(h, classes)
             with gr.Tab("Batch"):
                 _batch_tab(h, args.max_batch)
+            with gr.Tab("Scan"):
+                scan_ui.scan_tab(predictor, args, _readable)
             with gr.Tab("About the model and data"):
                 gr.Markdown(report.about_markdown(predictor.weights.path, predictor.weights.metadata, classes))
                 plots = sorted((REPO / "reports" / "dataset").glob("*.png"))
@@ -224,6 +226,8 @@ def build_demo(predictor: Predictor, args: argparse.Namespace | None = None) -> 
         gr.api(h.predict, api_name="predict", concurrency_id="predict")
         gr.api(h.explain, api_name="explain", concurrency_id="explain", concurrency_limit=1)
         gr.api(h.predict_batch, api_name="predict_batch", concurrency_id="predict")
+        scan = scan_ui.scan_api(predictor, _readable)
+        gr.api(scan, api_name="predict_scan", concurrency_id=scan_ui.SCAN_QUEUE, concurrency_limit=1)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=args.queue_size)
     return demo
 

@@ -29,7 +29,7 @@ from tumor_xai import inference
 from tumor_xai.decode import load_image
 from tumor_xai.explain import DEFAULT_METHOD, METHODS
 from tumor_xai.predictor import Predictor
-from tumor_xai.preprocess import fit_square, quantize
+from tumor_xai.preprocess import to_square_u8
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         jpeg_bytes = jpeg.read_bytes()
         inputs = {"decoded 224x224": decoded224, "512x512 JPEG file": jpeg}
 
-        squares = quantize(fit_square(decoded224.gray, size)[0])[None]
+        squares = to_square_u8(decoded224.gray, predictor.preprocess)[0][None]
         x = inference.to_input(squares, predictor.preprocess, channels_last=args.channels_last)
 
         def bare():

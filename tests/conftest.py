@@ -104,3 +104,37 @@ def full_data() -> Path:
     if not Path(root).is_dir():
         pytest.skip(f"TUMOR_XAI_DATA={root} is not a folder")
     return Path(root)
+
+
+def example_slices(n: int = 6, size: int = 96, marker: bool = True) -> np.ndarray:
+    """``n`` real example slices (uint8, ``size`` px); with ``marker`` a bright square in the top-left corner."""
+    from tumor_xai.decode import load_image
+
+    files = sorted(EXAMPLES.glob("*.jpg"))
+    out = np.zeros((n, size, size), np.uint8)
+    for k in range(n):
+        gray = load_image(files[k % len(files)]).gray
+        out[k] = np.asarray(Image.fromarray(np.round(gray * 255).astype(np.uint8)).resize((size, size)))
+    if marker:
+        out[:, 2:8, 2:8] = 255  # anterior-right on a radiological display: the orientation tests look for it
+    return out
+
+
+def make_nifti(path: Path, slices: np.ndarray, spacing: float = 2.5, reverse: bool = False) -> Path:
+    """A NIfTI scan whose axial slices, displayed, are ``slices`` (N, H, W); stored LPS as the TCIA files are.
+
+    With an LPS affine, voxel (i, j, k) runs to the patient's left, posterior and superior, so the displayed
+    slice (anterior up, patient's left on the right) is the stored slice transposed. ``reverse`` stores the
+    slices superior first with a negative slice step: the reader must still return them inferior first.
+    """
+    import nibabel as nib
+
+    data = np.ascontiguousarray(np.transpose(slices, (2, 1, 0))).astype(np.float32)  # (W, H, N)
+    affine = np.diag([-1.0, -1.0, spacing, 1.0])
+    affine[:3, 3] = [90.0, 120.0, -30.0]
+    if reverse:
+        data = data[:, :, ::-1].copy()
+        affine[2, 2] = -spacing
+        affine[2, 3] = -30.0 + spacing * (len(slices) - 1)
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    return path

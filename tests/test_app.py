@@ -167,9 +167,11 @@ def test_import_builds_the_interface_once_without_launching(fresh_app):
     assert getattr(app.demo, "server", None) is None and not app.demo.is_running
     assert app.demo.analytics_enabled is False and os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
     public = {fn.api_name: fn for fn in app.demo.fns.values() if fn.api_visibility == "public"}
-    assert set(public) == {"predict", "explain", "predict_batch"}
+    assert set(public) == {"predict", "explain", "predict_batch", "predict_scan"}
     assert public["explain"].concurrency_id != public["predict"].concurrency_id
     assert public["explain"].concurrency_limit == 1
+    assert public["predict_scan"].concurrency_id not in ("predict", "explain")  # scans queue on their own
+    assert public["predict_scan"].concurrency_limit == 1
     # Endpoints are declared, not hung on invisible buttons.
     assert not [b for b in app.demo.blocks.values() if isinstance(b, gr.Button) and not b.visible]
     # The target choices come from the weights' class names, never from a list in the app.
@@ -329,6 +331,38 @@ def test_a_dicom_file_is_answered_like_an_image(client, tmp_path):
     if record["in_distribution"]:
         with Image.open(overlay) as ov:
             assert ov.size == (64, 64)  # the overlay has the DICOM slice's own size
+
+
+@pytest.mark.slow
+def test_a_scan_is_answered_slice_by_slice(client, tmp_path):
+    from conftest import example_slices, make_nifti
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+    from test_volume import series_files
+
+    slices = example_slices(4, size=224, marker=False)
+    nifti = make_nifti(tmp_path / "scan.nii.gz", slices)
+    summary, rows, csv_path, curve, top = client.predict(
+        [handle_file(str(nifti))], "axial", 2, api_name="/predict_scan"
+    )
+    assert summary["slices"] == 4 and [r["slice"] for r in rows] == [0, 1, 2, 3]
+    assert all(abs(sum(r[f"p_{c}"] for c in CLASSES) - 1.0) < 1e-4 for r in rows)
+    with open(csv_path, newline="") as f:
+        assert len(list(csv.DictReader(f))) == 4
+    assert Image.open(curve).size[0] > 400 and len(top) == min(2, summary["slices_assessed"])
+    files = []
+    for name, data in series_files(slices).items():  # the DICOM files of one series, dropped together
+        (tmp_path / name).write_bytes(data)
+        files.append(handle_file(str(tmp_path / name)))
+    summary, rows, *_ = client.predict(files, api_name="/predict_scan")
+    assert summary["slices"] == 4 and [r["position_mm"] for r in rows] == sorted(r["position_mm"] for r in rows)
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not a scan")
+    with pytest.raises(AppError, match="'notes.txt' is not a scan this tool can read") as info:
+        client.predict([handle_file(str(bad))], api_name="/predict_scan")
+    assert "/tmp" not in str(info.value)
+    with pytest.raises(AppError, match="plane must be one of axial, coronal, sagittal"):
+        client.predict([handle_file(str(nifti))], "oblique", api_name="/predict_scan")
 
 
 @pytest.mark.slow

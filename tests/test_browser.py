@@ -84,12 +84,12 @@ def test_upload_shows_the_label_and_the_overlay(server, browser, tmp_path):
     if (REPO / "weights" / "model.json").is_file():
         assert label == "glioma"
     assert "Traceback" not in browser.page_source
-    # All three tabs sit in one tab bar (a stray block between tabs once split it and hid two).
+    # All the tabs sit in one tab bar (a stray block between tabs once split it and hid two).
     bars = [
         [t.text.strip() for t in bar.find_elements(By.CSS_SELECTOR, "[role=tab]")]
         for bar in browser.find_elements(By.CSS_SELECTOR, "[role=tablist]")
     ]
-    assert bars == [["Classify one slice", "Batch", "About the model and data"]], bars
+    assert bars == [["Classify one slice", "Batch", "Scan", "About the model and data"]], bars
     # Everything the page loaded (scripts, fonts, images) came from the app itself.
     urls = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     assert urls and not [u for u in urls if not u.startswith((server, "data:", "blob:"))]
@@ -114,3 +114,50 @@ def _loaded_image(driver, css: str):
         if driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", img):
             return img
     return False
+
+
+def test_scan_tab_shows_the_curve_the_slices_and_the_top_slices(server, browser, tmp_path):
+    """A NIfTI volume dropped on the Scan tab: summary, curve, a slider over every slice, the top slices, the CSV."""
+    from conftest import example_slices, make_nifti
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    scan = make_nifti(tmp_path / "scan.nii.gz", example_slices(6, size=224, marker=False))
+    wait = WebDriverWait(browser, 90)
+    browser.get(server)
+    tab = wait.until(
+        lambda d: next((t for t in d.find_elements(By.CSS_SELECTOR, "[role=tab]") if t.text == "Scan"), False)
+    )
+    tab.click()
+    upload = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#scan-input input[type=file]")))
+    upload.send_keys(str(scan))
+
+    summary = wait.until(
+        lambda d: "axial slices" in d.find_element(By.ID, "scan-summary").text and d.find_element(By.ID, "scan-summary")
+    )
+    assert "6 axial slices" in summary.text
+    wait.until(lambda d: _loaded_image(d, "#scan-curve img"))
+    first = wait.until(lambda d: _loaded_image(d, "#scan-slice img"))
+    assert browser.execute_script("return arguments[0].naturalWidth", first) == 224
+    gallery = wait.until(lambda d: _loaded_image(d, "#scan-gallery img"))
+    assert gallery is not None
+    caption = browser.find_element(By.ID, "scan-caption").text
+    assert caption.startswith("slice ")
+    # Browse: the slider's number box moves to another slice, and its caption follows.
+    box = browser.find_element(By.CSS_SELECTOR, "#scan-slider input[type=number]")
+    box.send_keys(Keys.CONTROL, "a")
+    target = 0 if not caption.startswith("slice 0 ") else 5
+    box.send_keys(str(target), Keys.ENTER)
+    wait.until(lambda d: d.find_element(By.ID, "scan-caption").text.startswith(f"slice {target} ("))
+    assert wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#scan-csv a"))
+    assert "Traceback" not in browser.page_source
+
+    shot = (
+        REPO / "assets" / "scan_screenshot.png"
+        if os.environ.get("TUMOR_XAI_SCREENSHOT") == "1"
+        else tmp_path / "scan_screenshot.png"
+    )
+    browser.save_screenshot(str(shot))
+    assert shot.stat().st_size > 10_000

@@ -102,3 +102,39 @@ def test_csv_cells_that_a_spreadsheet_would_run_are_text(text):
     assert report.csv_cell(text) == "'" + text
     assert report.csv_cell("glioma_1.jpg") == "glioma_1.jpg" and report.csv_cell(None) == ""
     assert report.csv_cell(True) == "true" and report.csv_cell(0.25) == "0.250000"
+
+
+def test_scans_get_a_folder_each_with_slices_curve_and_top_overlays(tiny_weights, tmp_path, capsys):
+    import zipfile
+
+    from conftest import example_slices, make_nifti
+    from test_volume import series_files
+
+    from tumor_xai.scan import scan_columns
+
+    nifti = make_nifti(tmp_path / "brain.nii.gz", example_slices(5))
+    series = tmp_path / "series"
+    series.mkdir()
+    for name, data in series_files(example_slices(4), tilt=10.0).items():
+        (series / name).write_bytes(data)
+    unrelated = tmp_path / "unrelated"  # DICOM slices of two series: single files, one row each
+    unrelated.mkdir()
+    for name in ("a.dcm", "b.dcm"):  # each call makes a new series
+        (unrelated / name).write_bytes(next(iter(series_files(example_slices(1)).values())))
+    archive = tmp_path / "series.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in series.iterdir():
+            zf.write(f, f"x/{f.name}")
+    out = tmp_path / "out"
+    args = [str(nifti), str(series), str(archive), str(unrelated), "--out", str(out), "--weights", str(tiny_weights)]
+    assert predict.main([*args, "--top-k", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "3 scan(s) classified, 0 refused" in printed and "2 file(s) classified" in printed
+    for name, n in (("brain", 5), ("series", 4), ("series_2", 4)):
+        with open(out / name / "slices.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert list(rows[0]) == scan_columns(CLASSES) and [int(r["slice"]) for r in rows] == list(range(n))
+        assert (out / name / "curve.png").is_file() and len(list((out / name / "top").iterdir())) == 2
+    positions = [float(r["position_mm"]) for r in rows]
+    assert positions == sorted(positions)
+    assert len(read_rows(out)) == 2  # the unrelated DICOM files

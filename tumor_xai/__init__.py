@@ -14,6 +14,8 @@ if TYPE_CHECKING:  # what type checkers and editors see
     from tumor_xai.decode import InvalidImageError, load_image
     from tumor_xai.model import build_model
     from tumor_xai.predictor import Prediction, Predictor
+    from tumor_xai.scan import ScanPrediction
+    from tumor_xai.volume import Volume, read_mask, read_volume
 
 __version__ = "0.1.0"
 
@@ -21,10 +23,14 @@ _EXPORTS = {
     "InvalidImageError": "tumor_xai.decode",
     "Prediction": "tumor_xai.predictor",
     "Predictor": "tumor_xai.predictor",
+    "ScanPrediction": "tumor_xai.scan",
+    "Volume": "tumor_xai.volume",
     "WeightsError": "tumor_xai.checkpoint",
     "build_model": "tumor_xai.model",
     "load_image": "tumor_xai.decode",
     "load_weights": "tumor_xai.checkpoint",
+    "read_mask": "tumor_xai.volume",
+    "read_volume": "tumor_xai.volume",
     "save_weights": "tumor_xai.checkpoint",
 }
 
@@ -32,11 +38,15 @@ __all__ = [
     "InvalidImageError",
     "Prediction",
     "Predictor",
+    "ScanPrediction",
+    "Volume",
     "WeightsError",
     "__version__",
     "build_model",
     "load_image",
     "load_weights",
+    "read_mask",
+    "read_volume",
     "save_weights",
 ]
 

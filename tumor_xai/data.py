@@ -20,7 +20,7 @@ import numpy as np
 
 from tumor_xai.decode import InvalidImageError, load_image
 from tumor_xai.duplicates import group_ids, near_duplicate_pairs, thumbnail
-from tumor_xai.preprocess import fit_square, quantize
+from tumor_xai.preprocess import PreprocessConfig, to_square_u8
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -135,19 +135,22 @@ def discover(root: str | Path, splits: tuple[str, ...] = SPLITS) -> KaggleDatase
     return KaggleDataset(root, class_names, found)
 
 
-def _decode_one(sample: Sample, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _decode_one(sample: Sample, cfg: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
     gray = load_image(sample.path).gray
-    square, _ = fit_square(gray, size)
-    return quantize(square), thumbnail(gray)
+    return to_square_u8(gray, cfg)[0], thumbnail(gray)
 
 
-def decode_samples(samples: list[Sample], size: int, skip_unreadable: bool = False, workers: int = 4) -> DecodedSplit:
-    """Decode ``samples`` once at ``size`` px. An unreadable file raises :class:`DataError` naming it,
+def decode_samples(
+    samples: list[Sample], size: int | PreprocessConfig, skip_unreadable: bool = False, workers: int = 4
+) -> DecodedSplit:
+    """Decode ``samples`` once through :func:`~tumor_xai.preprocess.to_square_u8` (``size``: the config, or
+    an input size in px with the default config). An unreadable file raises :class:`DataError` naming it,
     unless ``skip_unreadable``, which leaves it out and lists it in ``skipped``."""
+    cfg = size if isinstance(size, PreprocessConfig) else PreprocessConfig(input_size=size)
 
     def work(s: Sample):
         try:
-            return _decode_one(s, size)
+            return _decode_one(s, cfg)
         except InvalidImageError as exc:
             if not skip_unreadable:
                 raise DataError(

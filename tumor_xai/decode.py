@@ -44,14 +44,24 @@ from __future__ import annotations
 import io
 import logging
 import os
-import struct
-import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from tumor_xai.inputs import (
+    DECODER_ERRORS,
+    RETRY,
+    SIGNATURES,
+    DecodedImage,
+    InvalidImageError,
+    Limits,
+    check_shape,
+    min_max,
+    rgb_to_gray,
+    unreadable,
+)
 
 __all__ = [
     "DECODE_SIDE",
@@ -69,63 +79,13 @@ logger = logging.getLogger(__name__)
 MAX_FILE_BYTES = 32 * 1024 * 1024
 MAX_PIXELS = 40_000_000
 MIN_SIDE = 16
-MAX_ASPECT = 10.0  # a slice is roughly square; a 20:1 strip is not an MRI slice
 DECODE_SIDE = 1024  # larger images are reduced while decoding to a longer side of 1024-2047 px
 _STRIP_PIXELS = 1 << 20  # pixels per strip when reducing an image that was decoded at full size
 
 _PIL_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF")  # the JPEG plugin also opens MPO (phone photos)
-_SUPPORTED = "JPEG, PNG, BMP, TIFF, WebP, GIF or DICOM"
-_RETRY = "Re-export the image and try again."
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-
-# Decoders of untrusted bytes (Pillow's plugins, pydicom's parser) raise a wide range of types on
-# malformed input; these are the ones seen, and the fuzz test in tests/test_decode.py pins them
-# (``tumor_xai.dicom`` adds pydicom's own two).
-_DECODER_ERRORS = (
-    OSError,
-    SyntaxError,
-    ValueError,
-    TypeError,
-    LookupError,
-    ArithmeticError,
-    EOFError,
-    struct.error,
-    zlib.error,
-    AttributeError,
-    RuntimeError,
-    NotImplementedError,
-    Image.DecompressionBombError,
-    MemoryError,
-)
-
-
-class InvalidImageError(ValueError):
-    """The input could not be read as an image the model can take."""
-
-
-@dataclass(frozen=True)
-class DecodedImage:
-    """A decoded slice: grayscale intensities in [0, 1], plus how colourful the original was."""
-
-    gray: np.ndarray  # float32, H x W, values in [0, 1]
-    format: str  # "JPEG", "PNG", ..., "DICOM", "array", "PIL"
-    colorfulness: float = 0.0  # mean over pixels of (max - min) across R, G, B, in [0, 1]; 0 for gray
-    info: dict = field(default_factory=dict)  # non-identifying facts: source, mode, bit depth, window ...
-
-    @property
-    def size(self) -> tuple[int, int]:
-        """(height, width)."""
-        return self.gray.shape[0], self.gray.shape[1]
 
 
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray | DecodedImage
-
-
-@dataclass(frozen=True)
-class _Limits:
-    max_bytes: int
-    max_pixels: int
-    min_side: int
 
 
 def load_image(
@@ -142,16 +102,16 @@ def load_image(
     ``max_pixels`` (checked from the header, before the pixels are decoded) and images with a side
     under ``min_side`` pixels are refused.
     """
-    limits = _Limits(max_bytes, max_pixels, min_side)
+    limits = Limits(max_bytes, max_pixels, min_side)
     if source is None:
         raise InvalidImageError("No image was given. Choose an image file and try again.")
     if isinstance(source, DecodedImage):
         return source
     if isinstance(source, Image.Image):
-        _check_shape(source.width, source.height, "This image", limits)
+        check_shape(source.width, source.height, "This image", limits)
         try:
             return _from_pil(source, source.format or "PIL")
-        except _DECODER_ERRORS as exc:
+        except DECODER_ERRORS as exc:
             raise InvalidImageError(f"This image could not be converted to grayscale ({exc}).") from exc
     if isinstance(source, np.ndarray):
         return _from_array(source, limits)
@@ -169,7 +129,7 @@ def load_image(
 # Sources
 
 
-def _read_file(path: Path, limits: _Limits) -> bytes:
+def _read_file(path: Path, limits: Limits) -> bytes:
     name = f"'{path.name}'"
     if not path.exists():
         raise InvalidImageError(f"There is no file at {path}. Check the path and try again.")
@@ -187,7 +147,7 @@ def _read_file(path: Path, limits: _Limits) -> bytes:
         raise InvalidImageError(f"Cannot read {name}: {exc.strerror or exc}.") from exc
 
 
-def _decode_bytes(data: bytes, name: str, limits: _Limits) -> DecodedImage:
+def _decode_bytes(data: bytes, name: str, limits: Limits) -> DecodedImage:
     if not data:
         raise InvalidImageError(f"{name} is empty (0 bytes). Choose the image file again.")
     if len(data) > limits.max_bytes:
@@ -199,15 +159,15 @@ def _decode_bytes(data: bytes, name: str, limits: _Limits) -> DecodedImage:
         return decoded
     if _looks_like_bare_dicom(data):
         return _decode_dicom(data, name, limits, force=True)
-    raise InvalidImageError(_unreadable(name, data))
+    raise InvalidImageError(unreadable(name, data))
 
 
-def _from_array(arr: np.ndarray, limits: _Limits) -> DecodedImage:
+def _from_array(arr: np.ndarray, limits: Limits) -> DecodedImage:
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[..., 0]
     if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))):
         raise InvalidImageError(f"An image array must be H x W, H x W x 3 or H x W x 4; got shape {arr.shape}.")
-    _check_shape(arr.shape[1], arr.shape[0], "This image array", limits)
+    check_shape(arr.shape[1], arr.shape[0], "This image array", limits)
     if arr.dtype == np.uint8:
         values, source = arr.astype(np.float32) / 255.0, "array uint8"
     elif arr.dtype == np.uint16:
@@ -229,7 +189,7 @@ def _from_array(arr: np.ndarray, limits: _Limits) -> DecodedImage:
         )
     if values.ndim == 2:
         return DecodedImage(values, "array", 0.0, {"source": source})
-    gray, colorfulness = _rgb_to_gray(values)
+    gray, colorfulness = rgb_to_gray(values)
     return DecodedImage(gray, "array", colorfulness, {"source": source})
 
 
@@ -237,7 +197,7 @@ def _from_array(arr: np.ndarray, limits: _Limits) -> DecodedImage:
 # Pillow formats
 
 
-def _decode_pil(data: bytes, name: str, limits: _Limits) -> DecodedImage | None:
+def _decode_pil(data: bytes, name: str, limits: Limits) -> DecodedImage | None:
     """Decode a Pillow-readable format; ``None`` if Pillow does not recognise the bytes at all."""
     try:
         img = Image.open(io.BytesIO(data), formats=_PIL_FORMATS)
@@ -245,12 +205,12 @@ def _decode_pil(data: bytes, name: str, limits: _Limits) -> DecodedImage | None:
         return None
     except Image.DecompressionBombError as exc:
         raise InvalidImageError(f"{name} is too large to decode safely ({exc}).") from exc
-    except _DECODER_ERRORS as exc:
-        fmt = next((f for sig, f in _SIGNATURES.items() if data.startswith(sig)), "image")
+    except DECODER_ERRORS as exc:
+        fmt = next((f for sig, f in SIGNATURES.items() if data.startswith(sig)), "image")
         raise InvalidImageError(_damaged(name, fmt, exc, part="header")) from exc
     fmt = "JPEG" if img.format == "MPO" else (img.format or "image")
     with img:
-        _check_shape(img.width, img.height, name, limits)
+        check_shape(img.width, img.height, name, limits)
         try:
             size = img.size
             factor = _reduction(size)
@@ -264,7 +224,7 @@ def _decode_pil(data: bytes, name: str, limits: _Limits) -> DecodedImage | None:
                 decoded.info["reduced_from"] = size
             if animated:
                 decoded.info["frame"] = "first frame of a multi-frame file"
-        except _DECODER_ERRORS as exc:
+        except DECODER_ERRORS as exc:
             raise InvalidImageError(_damaged(name, fmt, exc)) from exc
     logger.debug("decoded %s %dx%d", decoded.info.get("source"), decoded.size[1], decoded.size[0])
     return decoded
@@ -312,7 +272,7 @@ def _from_pil(img: Image.Image, fmt: str) -> DecodedImage:
         info["source"] = f"{fmt} 16-bit" if mode.startswith("I;16") else f"{fmt} 32-bit"
         if mode.startswith("I;16") or (mode == "I" and arr.min() >= 0 and arr.max() < 2**16):
             return DecodedImage(_scale_by_bit_depth(arr), fmt, 0.0, info)
-        return DecodedImage(_min_max(arr.astype(np.float64)), fmt, 0.0, info)
+        return DecodedImage(min_max(arr.astype(np.float64)), fmt, 0.0, info)
     if mode == "L":
         return DecodedImage(np.asarray(img, dtype=np.float32) / 255.0, fmt, 0.0, info)
     if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
@@ -320,7 +280,7 @@ def _from_pil(img: Image.Image, fmt: str) -> DecodedImage:
         rgb = rgba[..., :3] * rgba[..., 3:]  # composite on black, the MRI background
     else:
         rgb = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-    gray, colorfulness = _rgb_to_gray(rgb)
+    gray, colorfulness = rgb_to_gray(rgb)
     return DecodedImage(gray, fmt, colorfulness, info)
 
 
@@ -329,8 +289,8 @@ def _damaged(name: str, fmt: str, exc: BaseException, part: str = "image data") 
     if isinstance(exc, EOFError) or any(
         w in text for w in ("truncated", "ends early", "broken data stream", "end of file")
     ):
-        return f"{name} is a truncated {fmt}: the {part} ends early. {_RETRY}"
-    return f"{name} is a damaged {fmt}: its {part} could not be decoded ({exc}). {_RETRY}"
+        return f"{name} is a truncated {fmt}: the {part} ends early. {RETRY}"
+    return f"{name} is a damaged {fmt}: its {part} could not be decoded ({exc}). {RETRY}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,7 +302,7 @@ def _looks_like_bare_dicom(data: bytes) -> bool:
     return len(data) >= 8 and data[:2] in (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08")
 
 
-def _decode_dicom(data: bytes, name: str, limits: _Limits, *, force: bool) -> DecodedImage:
+def _decode_dicom(data: bytes, name: str, limits: Limits, *, force: bool) -> DecodedImage:
     try:
         from tumor_xai import dicom  # imports pydicom: only when a DICOM arrives
     except ImportError:
@@ -359,24 +319,7 @@ def _decode_dicom(data: bytes, name: str, limits: _Limits, *, force: bool) -> De
 # Shared helpers
 
 
-def _check_shape(width: int, height: int, name: str, limits: _Limits) -> None:
-    if width * height > limits.max_pixels:
-        raise InvalidImageError(
-            f"{name} is {width} x {height} pixels, more than the {limits.max_pixels / 1e6:g} megapixels this tool "
-            "accepts. Downscale it (an MRI slice needs well under 1 megapixel) and try again."
-        )
-    if min(width, height) < limits.min_side:
-        raise InvalidImageError(
-            f"{name} is only {width} x {height} pixels; an MRI slice needs at least "
-            f"{limits.min_side} x {limits.min_side}. Use the original image, not a thumbnail."
-        )
-    if max(width, height) > MAX_ASPECT * min(width, height):
-        raise InvalidImageError(
-            f"{name} is {width} x {height} pixels, too elongated to be one MRI slice. Crop it to the slice and try again."
-        )
-
-
-def _too_big(name: str, size: int, limits: _Limits) -> str:
+def _too_big(name: str, size: int, limits: Limits) -> str:
     return (
         f"{name} is {size / 2**20:.1f} MB, more than the {limits.max_bytes / 2**20:g} MB this tool accepts. "
         "Export a single slice (PNG or JPEG) and try again."
@@ -388,63 +331,3 @@ def _scale_by_bit_depth(arr: np.ndarray) -> np.ndarray:
     top = int(arr.max()) if arr.size else 0
     bits = max(8, top.bit_length())
     return (arr.astype(np.float32) / float(2**bits - 1)).astype(np.float32)
-
-
-def _min_max(values: np.ndarray) -> np.ndarray:
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        return np.zeros(values.shape, dtype=np.float32)
-    lo, hi = float(finite.min()), float(finite.max())
-    if hi <= lo:
-        return np.zeros(values.shape, dtype=np.float32)
-    out = (np.nan_to_num(values, nan=lo, posinf=hi, neginf=lo) - lo) / (hi - lo)
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
-
-
-def _rgb_to_gray(rgb: np.ndarray) -> tuple[np.ndarray, float]:
-    """(H, W, 3|4) floats in [0, 1] -> (luma, colourfulness); an alpha channel is composited on black."""
-    if rgb.shape[2] == 4:
-        rgb = rgb[..., :3] * rgb[..., 3:]
-    colorfulness = float(np.mean(rgb.max(axis=2) - rgb.min(axis=2)))
-    gray = np.clip(rgb @ _LUMA, 0.0, 1.0).astype(np.float32)
-    return gray, colorfulness
-
-
-_SIGNATURES = {
-    b"\xff\xd8\xff": "JPEG",
-    b"\x89PNG\r\n\x1a\n": "PNG",
-    b"GIF87a": "GIF",
-    b"GIF89a": "GIF",
-    b"BM": "BMP",
-    b"II*\x00": "TIFF",
-    b"MM\x00*": "TIFF",
-}
-
-
-def _unreadable(name: str, data: bytes) -> str:
-    """The message for bytes no decoder recognised, saying what they look like."""
-    fmt = next((f for sig, f in _SIGNATURES.items() if data.startswith(sig)), None)
-    if fmt is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        fmt = "WebP"
-    if fmt is not None:  # the right magic bytes, but Pillow could not even read the header
-        return f"{name} starts like a {fmt} file but is truncated or damaged. {_RETRY}"
-    return f"{name} is not an image this tool can read: {_describe(data)}. Use a {_SUPPORTED} file."
-
-
-def _describe(data: bytes) -> str:
-    """What the bytes look like, for the error message."""
-    head = data[:512]
-    if head.startswith(b"%PDF"):
-        return "it is a PDF document; export the slice as PNG or JPEG"
-    if head.startswith(b"PK\x03\x04"):
-        return "it is a ZIP archive; unzip it and choose one image"
-    if head.startswith(b"\x1f\x8b"):
-        return "it is gzip-compressed (a .gz file, e.g. a NIfTI volume); decompress it and export one slice"
-    if len(data) >= 348 and data[344:348] in (b"n+1\x00", b"ni1\x00"):
-        return "it is a NIfTI volume; export one axial slice as PNG or DICOM"
-    if head[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftypavif"):
-        return "it is a HEIC/AVIF photo; export it as JPEG or PNG"
-    text = head.decode("utf-8", errors="replace")
-    if sum((c.isprintable() or c.isspace()) and c != "\ufffd" for c in text) >= 0.95 * len(text):
-        return "it contains text, not image data"
-    return f"its content is not {_SUPPORTED}"

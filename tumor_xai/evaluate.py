@@ -53,7 +53,7 @@ from tumor_xai.data import (
 from tumor_xai.decode import load_image
 from tumor_xai.duplicates import DEFAULT_THRESHOLD, near_duplicate_pairs
 from tumor_xai.metrics import classification_metrics, reliability_bins
-from tumor_xai.preprocess import Geometry, fit_square, quantize
+from tumor_xai.preprocess import Geometry, fit_square, to_square_u8
 from tumor_xai.stress import CORRUPTIONS, corrupt
 
 __all__ = [
@@ -158,11 +158,10 @@ def predict_corrupted(
 
     The corruption's seed is the sample's index, so a run is reproducible and images get different noise.
     """
-    size = weights.preprocess.input_size
 
     def square(i: int) -> np.ndarray:
         gray = corrupt(corruption, load_image(samples[i].path).gray, seed=i)
-        return quantize(fit_square(gray, size)[0])
+        return to_square_u8(gray, weights.preprocess)[0]
 
     out = []
     with ThreadPoolExecutor(workers) as pool:
@@ -554,9 +553,7 @@ def _clean_metrics(
     names, score = weights.class_names, _scorer(weights)
     n_test, n_train = len(dataset.splits["Testing"]), len(dataset.splits["Training"])
     logger.info("decoding %d Testing and %d Training images", n_test, n_train)
-    test = decode_samples(
-        dataset.splits["Testing"], weights.preprocess.input_size, config.skip_unreadable, config.workers
-    )
+    test = decode_samples(dataset.splits["Testing"], weights.preprocess, config.skip_unreadable, config.workers)
     # Training is decoded only for its duplicate thumbnails, which do not depend on the size.
     train = decode_samples(dataset.splits["Training"], 32, config.skip_unreadable, config.workers)
     probs = predict_probabilities(weights, test.images, config.batch_size)

@@ -11,8 +11,10 @@ from __future__ import annotations
 import copy
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,9 +24,14 @@ from tumor_xai import explain as xai
 from tumor_xai import inference
 from tumor_xai.checkpoint import LoadedWeights, WeightsError, load_weights
 from tumor_xai.decode import DecodedImage, ImageSource, load_image
-from tumor_xai.ood import OodDetector, feature_vector, layout_statistics
+from tumor_xai.inputs import InvalidImageError
+from tumor_xai.ood import OodDetector, cheap_checks, feature_vector, head_shape, header_check, layout_statistics
 from tumor_xai.ood import check as ood_check
-from tumor_xai.preprocess import fit_square, quantize
+from tumor_xai.preprocess import to_square_u8
+from tumor_xai.volume import ScanSource, Volume, read_volume
+
+if TYPE_CHECKING:
+    from tumor_xai.scan import ScanPrediction
 
 __all__ = ["Prediction", "Predictor"]
 
@@ -143,8 +150,8 @@ class Predictor:
         if explain:
             self.check_options(method, target, layer, colormap, alpha)
         decoded = image if isinstance(image, DecodedImage) else load_image(image)
-        square, geometry = fit_square(decoded.gray, self.preprocess.input_size)
-        squares = quantize(square)[None]
+        square, geometry = to_square_u8(decoded.gray, self.preprocess)
+        squares = square[None]
         fast = explain and xai.is_fast_path(self.model, method, layer)
         stats = layout_statistics if self.ood is not None else None
         out = inference.forward(self.model, squares, self.preprocess, keep_maps=fast, stage_stats=stats)
@@ -179,3 +186,95 @@ class Predictor:
     def predict_batch(self, images: list[ImageSource | DecodedImage], **kwargs) -> list[Prediction]:
         """:meth:`predict` for each image in turn (same keyword arguments)."""
         return [self.predict(image, **kwargs) for image in images]
+
+    def predict_volume(
+        self,
+        volume: Volume | ScanSource,
+        plane: str = "axial",
+        top_k: int = 5,
+        *,
+        batch_size: int = 8,
+        progress: Callable[[float, str], None] | None = None,
+        refuse_out_of_distribution: bool = True,
+    ) -> ScanPrediction:
+        """Classify every slice of a scan in batches; the ``top_k`` most suspicious ones lead the summary.
+
+        ``volume`` is a :class:`~tumor_xai.volume.Volume` or what :func:`~tumor_xai.volume.read_volume`
+        reads (a NIfTI path, DICOM files, a folder or a zip; ``plane`` then picks the slices). Each slice
+        keeps its Grad-CAM (its predicted class) from the same forward pass. Slices with too little head
+        or flagged out of distribution are marked and left out of the summary. A scan whose header says it
+        is not a brain MRI, or whose slices are mostly out of distribution, raises InvalidImageError (the
+        second only with ``refuse_out_of_distribution``). ``progress(fraction, text)`` hears how far it got.
+        """
+        from tumor_xai.scan import MIN_HEAD_AREA, ScanPrediction
+
+        report = progress or (lambda fraction, text: None)
+        if not isinstance(volume, Volume):
+            report(0.0, "reading the scan")
+            volume = read_volume(volume, plane)
+        if (reason := header_check(volume.slice_image(0))) is not None:
+            raise InvalidImageError(f"Not assessed: {reason}.")
+        n = len(volume)
+        probabilities, cams, excluded = [], [], []
+        geometry = None
+        for start in range(0, n, batch_size):
+            report(start / n, f"slices {start + 1}-{min(n, start + batch_size)} of {n}")
+            batch = [to_square_u8(s, self.preprocess) for s in volume.slices[start : start + batch_size]]
+            squares = np.stack([sq for sq, _ in batch])
+            geometry = batch[0][1]
+            stats = layout_statistics if self.ood is not None else None
+            out = inference.forward(self.model, squares, self.preprocess, batch_size, keep_maps=True, stage_stats=stats)
+            probs = self.decision.probabilities(out.logits)
+            with torch.inference_mode():
+                cam = inference.class_activation_map(out.fmap, self.model.fc.weight, probs.argmax(dim=1))
+            probabilities.append(probs.numpy())
+            cams.append(cam.numpy())
+            distances = self.ood.distance(feature_vector(out)).tolist() if self.ood is not None else None
+            for j, square in enumerate(squares):
+                distance = None if distances is None else distances[j]
+                excluded.append(self._slice_reason(volume.slice_image(start + j), square, distance, MIN_HEAD_AREA))
+        report(1.0, "summarising")
+        probs = np.concatenate(probabilities)
+        negative = self.decision.negative_index
+        tumor = None if negative is None else 1.0 - probs[:, negative]
+        _refuse_if_mostly_flagged(excluded, refuse_out_of_distribution)
+        counted = [i for i, e in enumerate(excluded) if e is None]
+        rank = tumor if tumor is not None else probs.max(axis=1)
+        top = sorted(counted, key=lambda i: -rank[i])[: max(0, top_k)]
+        return ScanPrediction(
+            volume=volume,
+            class_names=list(self.class_names),
+            probabilities=probs,
+            tumor_probability=tumor,
+            threshold=self.threshold,
+            excluded=excluded,
+            cams=np.concatenate(cams),
+            geometry=geometry,
+            input_size=self.preprocess.input_size,
+            top=top,
+            negative_class=self.decision.negative_class,
+        )
+
+    def _slice_reason(
+        self, image: DecodedImage, square: np.ndarray, distance: float | None, min_head: float
+    ) -> str | None:
+        """Why a scan's slice does not count (too little head, or out of distribution), or None."""
+        stats = head_shape(square)
+        if stats["head_area"] < min_head:
+            return f"too little head ({stats['head_area']:.0%} of the slice)"
+        reason = cheap_checks(image)
+        if reason is None and self.ood is not None:
+            reason = self.ood.shape_reason(stats) or self.ood.reason(distance)
+        return None if reason is None else f"out of distribution: {reason}"
+
+
+def _refuse_if_mostly_flagged(excluded: list[str | None], refuse: bool) -> None:
+    with_head = [e for e in excluded if e is None or not e.startswith("too little head")]
+    if not with_head:
+        raise InvalidImageError("Not assessed: no slice of this scan shows enough of a head to read.")
+    flagged = sum(e is not None for e in with_head)
+    if refuse and flagged > 0.5 * len(with_head):
+        raise InvalidImageError(
+            f"Not assessed: {flagged} of the {len(with_head)} slices that show a head do not look like the brain "
+            "MRI slices the model was trained on, so this scan is not read as a brain MRI."
+        )

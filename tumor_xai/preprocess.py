@@ -24,6 +24,7 @@ __all__ = [
     "prepare",
     "quantize",
     "stretch_intensity",
+    "to_square_u8",
 ]
 
 # Bump when the pixels the model sees for a given file change; stored in every weights file.
@@ -80,6 +81,17 @@ def fit_square(gray: np.ndarray, size: int) -> tuple[np.ndarray, Geometry]:
     return np.clip(square, 0.0, 1.0), Geometry(h, w, side, top, left)
 
 
+def to_square_u8(gray: np.ndarray, cfg: PreprocessConfig) -> tuple[np.ndarray, Geometry]:
+    """A decoded slice (H x W in [0, 1]) -> the uint8 model square ``(S, S)`` and its geometry.
+
+    The one decode-side step every caller shares (training's decoding, evaluation, the predictor,
+    the scan reader, the benchmarks): :func:`fit_square` at ``cfg.input_size``, then :func:`quantize`
+    as training holds its images, so one slice gives the same numbers on every path.
+    """
+    square, geometry = fit_square(gray, cfg.input_size)
+    return quantize(square), geometry
+
+
 def stretch_intensity(x: torch.Tensor, mode: str) -> torch.Tensor:
     """Per-image contrast stretch of a batch ``(N, 1, H, W)`` in [0, 1]; a no-op for mode "none".
 
@@ -107,10 +119,10 @@ def normalize(x: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
 
 def prepare(gray: np.ndarray, cfg: PreprocessConfig) -> tuple[torch.Tensor, Geometry]:
     """A decoded slice -> the model's input tensor ``(1, 1, S, S)`` and its geometry."""
-    square, geometry = fit_square(gray, cfg.input_size)
-    # Quantise exactly as training and evaluation store their decoded images (uint8), so a file gives
+    # Quantised exactly as training and evaluation store their decoded images (uint8), so a file gives
     # the same probabilities in the app as in the evaluation.
-    return normalize_quantized(torch.from_numpy(quantize(square))[None, None], cfg), geometry
+    square, geometry = to_square_u8(gray, cfg)
+    return normalize_quantized(torch.from_numpy(square)[None, None], cfg), geometry
 
 
 def normalize_quantized(squares: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
