@@ -102,3 +102,14 @@ def test_csv_cells_that_a_spreadsheet_would_run_are_text(text):
     assert report.csv_cell(text) == "'" + text
     assert report.csv_cell("glioma_1.jpg") == "glioma_1.jpg" and report.csv_cell(None) == ""
     assert report.csv_cell(True) == "true" and report.csv_cell(0.25) == "0.250000"
+
+
+def test_an_out_of_distribution_file_gets_no_verdict_in_the_csv(tiny_weights, tmp_path):
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.full((64, 64), 128, np.uint8)).save(blank)
+    out = tmp_path / "out"
+    assert predict.main([str(blank), "--out", str(out), "--weights", str(tiny_weights), "--explain"]) == 0
+    (row,) = read_rows(out)
+    assert row["in_distribution"] == "false" and "blank" in row["ood_reason"] and row["error"] == ""
+    verdict = ["label", *(f"p_{c}" for c in CLASSES), "tumor_probability", "screening_positive", "target", "overlay"]
+    assert {k: row[k] for k in verdict} == dict.fromkeys(verdict, "")
