@@ -20,6 +20,8 @@ __all__ = [
     "about_markdown",
     "batch_columns",
     "batch_row",
+    "batch_table",
+    "batch_table_headers",
     "csv_cell",
     "label_data",
     "summary_markdown",
@@ -132,6 +134,36 @@ def batch_row(file: str, class_names: list[str], pred: Prediction | None, overla
     if pred is not None:
         row.update(pred.to_dict())
     return row
+
+
+def batch_table_headers(class_names: list[str]) -> list[str]:
+    """The batch tab's table: the file, then what happened to it in words, then the figures."""
+    return ["file", "result", *(f"P({c})" for c in class_names), "tumour probability", "screening flag"]
+
+
+def _pct_cell(value: float | None) -> str:
+    return "" if value is None else f"{value:.1%}"
+
+
+def batch_table(rows: list[dict], class_names: list[str]) -> list[list[str]]:
+    """The batch tab's cells for ``rows`` (:func:`batch_row` dicts), under :func:`batch_table_headers`.
+
+    The ``result`` column, second from the left so that it is read first, says what happened: the class, or
+    "not assessed" with the out-of-distribution reason, or "unreadable" with the error; a row without a
+    verdict has empty figures. (The CSV and the API keep the record's own columns.)
+    """
+    table = []
+    for row in rows:
+        if row.get("error"):
+            result, flag = f"unreadable: {row['error']}", ""
+        elif not row.get("in_distribution"):
+            result, flag = f"not assessed: {row.get('ood_reason') or 'out of distribution'}", "not assessed"
+        else:
+            result = row["label"]
+            flag = {True: "positive", False: "negative", None: ""}[row.get("screening_positive")]
+        figures = [_pct_cell(row.get(f"p_{c}")) for c in class_names] + [_pct_cell(row.get("tumor_probability"))]
+        table.append([csv_cell(row["file"]), result, *figures, flag])
+    return table
 
 
 def csv_cell(value: Any) -> str:
