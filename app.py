@@ -50,6 +50,13 @@ FAST_METHODS = [m for m in xai.METHODS if m not in xai.SLOW_METHODS]
 # Unexpected errors reach the page as words, never a stack trace; no server-side rendering, no MCP server,
 # and no browser-side run history (uploaded slices stay out of the browser's storage).
 LAUNCH = {"show_error": False, "ssr_mode": False, "mcp_server": False, "run_history": False}
+# The About tab is prose: Gradio's Markdown breaks table cells anywhere ("1311" became "131 / 1") and keeps
+# the line breaks of inline code, which then filled a line of its own in the middle of a sentence.
+CSS = """
+#about table, #about td, #about th { word-break: normal; overflow-wrap: normal; }
+#about code { display: inline; white-space: normal; overflow-wrap: anywhere; }
+"""
+LAUNCH["css"] = CSS
 
 
 # ----------------------------------------------------------------------------- request handling
@@ -206,7 +213,7 @@ def _batch_tab(h: SimpleNamespace, max_batch: int, classes: list[str]) -> None:
     headers = report.batch_table_headers(classes)
     table = gr.Dataframe(
         headers=headers, label="Results", interactive=False, wrap=True, elem_id="batch-table",
-        column_widths=["16%", "32%"] + [f"{52 / (len(headers) - 2):.1f}%"] * (len(headers) - 2),
+        column_widths=["12%", "25%"] + [f"{63 / (len(headers) - 2):.1f}%"] * (len(headers) - 2),
     )  # fmt: skip
     gallery = gr.Gallery(label="Heatmap overlays", columns=4, buttons=["download", "fullscreen"])
     csv = gr.File(label="Results as CSV", interactive=False)
@@ -231,9 +238,13 @@ def build_demo(predictor: Predictor, args: argparse.Namespace | None = None) -> 
             with gr.Tab("Batch"):
                 _batch_tab(h, args.max_batch, classes)
             with gr.Tab("About the model and data"):
-                gr.Markdown(report.about_markdown(predictor.weights.path, predictor.weights.metadata, classes))
+                about = report.about_markdown(predictor.weights.path, predictor.weights.metadata, classes)
+                gr.Markdown(about, elem_id="about")
                 plots = sorted((REPO / "reports" / "dataset").glob("*.png"))
-                gr.Gallery([(str(p), p.stem.replace("_", " ")) for p in plots], label="Dataset report", columns=2)
+                gr.Gallery(  # whole plots (titles, axes and legends), not square crops
+                    [(str(p), p.stem.replace("_", " ")) for p in plots], label="Dataset report", columns=2,
+                    object_fit="contain", height="auto", elem_id="dataset-plots",
+                )  # fmt: skip
         gr.api(h.predict, api_name="predict", concurrency_id="predict")
         gr.api(h.explain, api_name="explain", concurrency_id="explain", concurrency_limit=1)
         gr.api(h.predict_batch, api_name="predict_batch", concurrency_id="predict")

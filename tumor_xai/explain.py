@@ -3,8 +3,8 @@
 Every map is computed on the exact tensor the model classified (the output of
 :func:`tumor_xai.preprocess.prepare`), min-max normalised to [0, 1] at the feature map's resolution and
 resized bilinearly to the model's square input, as pytorch-grad-cam does; then smoothed with a Gaussian
-of half a feature-map cell (:func:`smooth_heatmaps`), so that a 7 x 7 map reads as a region rather than
-the diamonds and ridges of bilinear interpolation between cell centres. The caller maps it back onto
+of a fifth of a feature-map cell (:func:`smooth_heatmaps`), so that a 7 x 7 map reads as a region rather
+than the four-pointed stars and ridges of bilinear interpolation between cell centres. The caller maps it back onto
 the original pixels with :meth:`tumor_xai.preprocess.Geometry.to_original`.
 
 Fast path (:func:`tumor_xai.inference.class_activation_map`): a ResNet ends in global average
@@ -153,9 +153,10 @@ def normalize_cams(cams: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-# The Gaussian that smooths an upsampled map, in cells of the feature map (32 px at 224 for layer4): half a
-# cell rounds the bilinear diamonds off without moving the peak by more than a few pixels.
-SMOOTH_SIGMA_CELLS = 0.5
+# The Gaussian that smooths an upsampled map, in cells of the feature map (32 px at 224 for layer4). A fifth
+# of a cell is the narrowest that makes the levels of a one-cell peak round (within 3 % along the diagonal;
+# bilinear alone: 18 % short); wider spreads the heat beyond the tumour (benchmarks/heatmap_smoothing.py).
+SMOOTH_SIGMA_CELLS = 0.2
 
 
 def layer_stride(name: str | None) -> int:

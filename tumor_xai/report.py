@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TextIO
@@ -103,10 +104,14 @@ def _metrics_markdown(metrics: dict | None, limit: int = 60) -> str:
 
 
 def about_markdown(weights_dir: Path, metadata: dict, class_names: list[str]) -> str:
-    """The About tab: the weights' own model card (its limits included) and the metrics stored with them."""
+    """The About tab: the weights' own model card (its limits included) and the metrics stored with them.
+
+    A number and its unit ("0.92 %", "1.5 h") are joined by a no-break space, so a narrow table column
+    never puts the unit on a line of its own.
+    """
     card = weights_dir / "MODEL_CARD.md"
     prep = metadata.get("preprocessing", {})
-    return "\n\n".join(
+    text = "\n\n".join(
         [
             "## About the model and data",
             DISCLAIMER,
@@ -116,6 +121,7 @@ def about_markdown(weights_dir: Path, metadata: dict, class_names: list[str]) ->
             _metrics_markdown(metadata.get("metrics")),
         ]
     )
+    return re.sub(r"(\d) (h|px|s|ms|MB)\b", "\\1\u00a0\\2", text.replace(" %", "\u00a0%"))
 
 
 # ----------------------------------------------------------------------------- batch records
