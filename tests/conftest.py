@@ -104,3 +104,14 @@ def full_data() -> Path:
     if not Path(root).is_dir():
         pytest.skip(f"TUMOR_XAI_DATA={root} is not a folder")
     return Path(root)
+
+
+def browser_missing(chromium: str | None, chromedriver: str | None) -> str | None:
+    """The browser tests' skip reason, naming what is missing (the browser, its driver or both); None if neither."""
+    missing = [what for what, path in (("chromium", chromium), ("chromedriver", chromedriver)) if not path]
+    if not missing:
+        return None
+    return (
+        f"{' and '.join(missing)} not found on PATH: the browser tests need the Debian packages chromium and "
+        "chromium-driver (`apt-get install -y chromium chromium-driver`)"
+    )

@@ -327,10 +327,12 @@ def test_a_dicom_file_is_answered_like_an_image(client, tmp_path):
     dcm = tmp_path / "slice.dcm"
     shutil.copy(bundled, dcm)
     record, overlay = client.predict(handle_file(str(dcm)), api_name="/predict")
-    assert abs(sum(record[f"p_{c}"] for c in CLASSES) - 1.0) < 1e-4
     if record["in_distribution"]:
+        assert abs(sum(record[f"p_{c}"] for c in CLASSES) - 1.0) < 1e-4
         with Image.open(overlay) as ov:
             assert ov.size == (64, 64)  # the overlay has the DICOM slice's own size
+    else:  # the shipped weights' feature test refuses this 64 px phantom-like slice: no verdict, no overlay
+        assert record["ood_reason"] and overlay is None and all(record[f"p_{c}"] is None for c in CLASSES)
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """The page in a real browser: headless Chromium uploads an example slice and sees the answer appear.
 
 Needs Debian's ``chromium`` and ``chromium-driver`` (``apt-get install -y chromium chromium-driver``);
-skips with that instruction when they are missing. With ``TUMOR_XAI_SCREENSHOT=1`` the final page is
+skips naming the one that is missing (the browser or its driver). With ``TUMOR_XAI_SCREENSHOT=1`` the final page is
 saved to ``assets/screenshot.png`` (the README's picture); otherwise to the test's tmp folder.
 """
 
@@ -11,18 +11,15 @@ import os
 import shutil
 
 import pytest
-from conftest import CLASSES, EXAMPLES, REPO
+from conftest import CLASSES, EXAMPLES, REPO, browser_missing
 from test_app import served_weights, start_app, stop_app
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
-if not (CHROMIUM and CHROMEDRIVER):
-    pytest.skip(
-        "headless Chromium is not installed: run `apt-get install -y chromium chromium-driver` to run the browser test",
-        allow_module_level=True,
-    )
+if reason := browser_missing(CHROMIUM, CHROMEDRIVER):
+    pytest.skip(reason, allow_module_level=True)
 
 CHROME_FLAGS = [
     "--headless=new",
