@@ -1,7 +1,8 @@
 """The Gradio app: it builds without launching, and a real server answers a real client.
 
-One server runs for most of the module (``python app.py`` in a subprocess, as a Space runs it), with
-a short cache lifetime so the deletion of uploads can be observed; the shutdown tests start their own
+One server runs for most of the module (``python app.py`` in a subprocess, as a Space runs it; the
+browser tests share it, see ``conftest.app_server``), with a short cache lifetime so the deletion of
+uploads can be observed; the shutdown tests start their own
 and stop it with a signal. It serves the shipped ``weights/`` when they exist and an untrained 64 px
 model otherwise; the test that needs correct answers skips without the shipped weights. Nothing of
 Gradio, Pillow or pydicom is mocked: real files go through real HTTP.
@@ -114,19 +115,10 @@ def served(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, served):
-    cache = tmp_path_factory.mktemp("app-server") / "cache"
-    cache.mkdir()
-    proc, url = start_app(
-        served,
-        cache,
-        "--cache-frequency",
-        str(CACHE_FREQUENCY),
-        "--cache-age",
-        str(CACHE_AGE),
-    )
-    yield url, cache
-    stop_app(proc)
+def server(app_server):
+    """(url, cache folder) of the session's server (conftest.app_server, shared with the browser tests)."""
+    url, cache, _ = app_server
+    return url, cache
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +205,11 @@ def test_missing_weights_stop_start_up_with_instructions(tmp_path):
 @pytest.mark.slow
 def test_start_up_prints_no_warning(server):
     _, cache = server
-    log = next(cache.parent.glob("app-*.log")).read_text()
+    path = next(cache.parent.glob("app-*.log"))
+    deadline = time.monotonic() + 30  # the app prints its lines just after the server starts answering
+    while "--share" not in path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    log = path.read_text()
     assert "Running on local URL" in log
     # The start-up lines are the app's own: a public link is `--share`, not Gradio's `share=True` in launch().
     assert "--share" in log and "share=True" not in log and "launch()" not in log

@@ -12,7 +12,6 @@ import shutil
 
 import pytest
 from conftest import CLASSES, EXAMPLES, REPO, browser_missing
-from test_app import served_weights, start_app, stop_app
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -36,12 +35,8 @@ CHROME_FLAGS = [
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("browser-server") / "cache"
-    cache.mkdir()
-    proc, url = start_app(served_weights(tmp_path_factory), cache)
-    yield url
-    stop_app(proc)
+def server(app_server) -> str:
+    return app_server[0]  # the session's server, shared with test_app.py (conftest.app_server)
 
 
 @pytest.fixture(scope="module")
