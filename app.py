@@ -47,16 +47,15 @@ logger = logging.getLogger("tumor_xai.app")
 REPO = Path(__file__).resolve().parent
 PREDICTED = "predicted"  # the target-class choice meaning "explain whatever the model predicted"
 FAST_METHODS = [m for m in xai.METHODS if m not in xai.SLOW_METHODS]
-# Unexpected errors reach the page as words, never a stack trace; no server-side rendering, no MCP server,
-# and no browser-side run history (uploaded slices stay out of the browser's storage).
-LAUNCH = {"show_error": False, "ssr_mode": False, "mcp_server": False, "run_history": False}
 # The About tab is prose: Gradio's Markdown breaks table cells anywhere ("1311" became "131 / 1") and keeps
 # the line breaks of inline code, which then filled a line of its own in the middle of a sentence.
 CSS = """
 #about table, #about td, #about th { word-break: normal; overflow-wrap: normal; }
 #about code { display: inline; white-space: normal; overflow-wrap: anywhere; }
 """
-LAUNCH["css"] = CSS
+# Unexpected errors reach the page as words, never a stack trace; no server-side rendering, no MCP server,
+# and no browser-side run history (uploaded slices stay out of the browser's storage).
+LAUNCH = {"show_error": False, "ssr_mode": False, "mcp_server": False, "run_history": False, "css": CSS}
 
 
 # ----------------------------------------------------------------------------- request handling
