@@ -28,6 +28,7 @@ import argparse  # noqa: E402
 import functools  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
+import typing  # noqa: E402
 from pathlib import Path  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 from typing import Any  # noqa: E402
@@ -46,16 +47,29 @@ logger = logging.getLogger("tumor_xai.app")
 REPO = Path(__file__).resolve().parent
 PREDICTED = "predicted"  # the target-class choice meaning "explain whatever the model predicted"
 FAST_METHODS = [m for m in xai.METHODS if m not in xai.SLOW_METHODS]
+# The About tab is prose: Gradio's Markdown breaks table cells anywhere ("1311" became "131 / 1") and keeps
+# the line breaks of inline code, which then filled a line of its own in the middle of a sentence.
+CSS = """
+#about table, #about td, #about th { word-break: normal; overflow-wrap: normal; }
+#about code { display: inline; white-space: normal; overflow-wrap: anywhere; }
+"""
 # Unexpected errors reach the page as words, never a stack trace; no server-side rendering, no MCP server,
 # and no browser-side run history (uploaded slices stay out of the browser's storage).
-LAUNCH = {"show_error": False, "ssr_mode": False, "mcp_server": False, "run_history": False}
+LAUNCH = {"show_error": False, "ssr_mode": False, "mcp_server": False, "run_history": False, "css": CSS}
 
 
 # ----------------------------------------------------------------------------- request handling
 
 
+# The record (Prediction.to_dict, one batch row): label, p_<class>, tumor_probability, screening_positive, ...
+Record = dict[str, str | float | bool | None]
+
+
 def _readable(fn):
     """Every failure reaches the client with words: RequestError as it says, anything else logged and named."""
+    # gr.api reads the return hint as it is, and `from __future__ import annotations` leaves it a string
+    # ("1st: Any" in view_api): resolve the hints once, here, for every handler.
+    fn.__annotations__ = typing.get_type_hints(fn)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -112,9 +126,10 @@ def _handlers(predictor: Predictor, args: argparse.Namespace) -> SimpleNamespace
     @_readable
     def batch_page(files: list[Any] | None, method: str, alpha: float):
         options = serve.request_options(method, None, alpha, FAST_METHODS, PREDICTED)
-        columns, rows, overlays, csv_path = serve.batch_request(predictor, files, options, args.max_batch)
+        _, rows, overlays, csv_path = serve.batch_request(predictor, files, options, args.max_batch)
+        names = list(predictor.class_names)
         return (
-            {"headers": columns, "data": [[report.csv_cell(r[c]) for c in columns] for r in rows]},
+            {"headers": report.batch_table_headers(names), "data": report.batch_table(rows, names)},
             overlays,
             csv_path,
         )
@@ -129,7 +144,7 @@ def _api(predictor: Predictor, args: argparse.Namespace) -> dict:
         @_readable
         def predict(
             file: FileData, method: str = xai.DEFAULT_METHOD, target: str = PREDICTED, alpha: float = xai.DEFAULT_ALPHA
-        ) -> tuple[dict, FileData | None]:
+        ) -> tuple[Record, FileData | None]:
             """One slice: its record (Prediction.to_dict) and the heatmap overlay (JPEG; None out of distribution)."""
             pred = _request(predictor, file, method, target, alpha, allowed)
             overlay = serve.save_jpeg(pred.overlay) if pred.in_distribution else None
@@ -140,7 +155,7 @@ def _api(predictor: Predictor, args: argparse.Namespace) -> dict:
     @_readable
     def predict_batch(
         files: list[FileData], method: str = xai.DEFAULT_METHOD, alpha: float = xai.DEFAULT_ALPHA
-    ) -> tuple[list[dict], FileData]:
+    ) -> tuple[list[Record], FileData]:
         """Several slices: one row per file (the batch CSV's columns) and the CSV; a bad file is a row with its error."""
         options = serve.request_options(method, None, alpha, FAST_METHODS, PREDICTED)
         _, rows, _, csv_path = serve.batch_request(predictor, files, options, args.max_batch, gallery=False)
@@ -187,14 +202,18 @@ def _single_tab(h: SimpleNamespace, classes: list[str]) -> None:
         )
 
 
-def _batch_tab(h: SimpleNamespace, max_batch: int) -> None:
+def _batch_tab(h: SimpleNamespace, max_batch: int, classes: list[str]) -> None:
     gr.Markdown(f"Up to {max_batch} files at once; unreadable files are listed, not fatal.")
     files = gr.File(file_count="multiple", label="Image or DICOM files", elem_id="batch-input")
     with gr.Row():
         method = gr.Dropdown(FAST_METHODS, value=xai.DEFAULT_METHOD, label="Explanation method")
         alpha = gr.Slider(0.0, 1.0, value=xai.DEFAULT_ALPHA, step=0.05, label="Heatmap opacity")
     go = gr.Button("Classify all", variant="primary")
-    table = gr.Dataframe(label="Results", interactive=False, wrap=True)
+    headers = report.batch_table_headers(classes)
+    table = gr.Dataframe(
+        headers=headers, label="Results", interactive=False, wrap=True, elem_id="batch-table",
+        column_widths=["12%", "25%"] + [f"{63 / (len(headers) - 2):.1f}%"] * (len(headers) - 2),
+    )  # fmt: skip
     gallery = gr.Gallery(label="Heatmap overlays", columns=4, buttons=["download", "fullscreen"])
     csv = gr.File(label="Results as CSV", interactive=False)
     gr.Markdown(report.DISCLAIMER)
@@ -216,13 +235,17 @@ def build_demo(predictor: Predictor, args: argparse.Namespace | None = None) -> 
             with gr.Tab("Classify one slice"):
                 _single_tab(h, classes)
             with gr.Tab("Batch"):
-                _batch_tab(h, args.max_batch)
+                _batch_tab(h, args.max_batch, classes)
             with gr.Tab("Scan"):
                 scan_ui.scan_tab(predictor, args, _readable)
             with gr.Tab("About the model and data"):
-                gr.Markdown(report.about_markdown(predictor.weights.path, predictor.weights.metadata, classes))
+                about = report.about_markdown(predictor.weights.path, predictor.weights.metadata, classes)
+                gr.Markdown(about, elem_id="about")
                 plots = sorted((REPO / "reports" / "dataset").glob("*.png"))
-                gr.Gallery([(str(p), p.stem.replace("_", " ")) for p in plots], label="Dataset report", columns=2)
+                gr.Gallery(  # whole plots (titles, axes and legends), not square crops
+                    [(str(p), p.stem.replace("_", " ")) for p in plots], label="Dataset report", columns=2,
+                    object_fit="contain", height="auto", elem_id="dataset-plots",
+                )  # fmt: skip
         gr.api(h.predict, api_name="predict", concurrency_id="predict")
         gr.api(h.explain, api_name="explain", concurrency_id="explain", concurrency_limit=1)
         gr.api(h.predict_batch, api_name="predict_batch", concurrency_id="predict")

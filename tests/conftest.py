@@ -138,3 +138,31 @@ def make_nifti(path: Path, slices: np.ndarray, spacing: float = 2.5, reverse: bo
         affine[2, 3] = -30.0 + spacing * (len(slices) - 1)
     nib.save(nib.Nifti1Image(data, affine), str(path))
     return path
+
+
+def browser_missing(chromium: str | None, chromedriver: str | None) -> str | None:
+    """The browser tests' skip reason, naming what is missing (the browser, its driver or both); None if neither."""
+    missing = [what for what, path in (("chromium", chromium), ("chromedriver", chromedriver)) if not path]
+    if not missing:
+        return None
+    return (
+        f"{' and '.join(missing)} not found on PATH: the browser tests need the Debian packages chromium and "
+        "chromium-driver (`apt-get install -y chromium chromium-driver`)"
+    )
+
+
+@pytest.fixture(scope="session")
+def app_server(tmp_path_factory):
+    """One ``python app.py`` for the server tests of test_app.py and test_browser.py: (url, cache, weights).
+
+    Starting a server costs seconds of CPU: one per pytest-xdist worker that needs it (module-scoped, each
+    module started its own on each worker).
+    """
+    from test_app import CACHE_AGE, CACHE_FREQUENCY, served_weights, start_app, stop_app
+
+    weights = served_weights(tmp_path_factory)
+    cache = tmp_path_factory.mktemp("app-server") / "cache"
+    cache.mkdir()
+    proc, url = start_app(weights, cache, "--cache-frequency", str(CACHE_FREQUENCY), "--cache-age", str(CACHE_AGE))
+    yield url, cache, weights
+    stop_app(proc)

@@ -1,7 +1,8 @@
 """The Gradio app: it builds without launching, and a real server answers a real client.
 
-One server runs for most of the module (``python app.py`` in a subprocess, as a Space runs it), with
-a short cache lifetime so the deletion of uploads can be observed; the shutdown tests start their own
+One server runs for most of the module (``python app.py`` in a subprocess, as a Space runs it; the
+browser tests share it, see ``conftest.app_server``), with a short cache lifetime so the deletion of
+uploads can be observed; the shutdown tests start their own
 and stop it with a signal. It serves the shipped ``weights/`` when they exist and an untrained 64 px
 model otherwise; the test that needs correct answers skips without the shipped weights. Nothing of
 Gradio, Pillow or pydicom is mocked: real files go through real HTTP.
@@ -114,19 +115,10 @@ def served(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, served):
-    cache = tmp_path_factory.mktemp("app-server") / "cache"
-    cache.mkdir()
-    proc, url = start_app(
-        served,
-        cache,
-        "--cache-frequency",
-        str(CACHE_FREQUENCY),
-        "--cache-age",
-        str(CACHE_AGE),
-    )
-    yield url, cache
-    stop_app(proc)
+def server(app_server):
+    """(url, cache folder) of the session's server (conftest.app_server, shared with the browser tests)."""
+    url, cache, _ = app_server
+    return url, cache
 
 
 @pytest.fixture(scope="module")
@@ -215,8 +207,14 @@ def test_missing_weights_stop_start_up_with_instructions(tmp_path):
 @pytest.mark.slow
 def test_start_up_prints_no_warning(server):
     _, cache = server
-    log = next(cache.parent.glob("app-*.log")).read_text()
+    path = next(cache.parent.glob("app-*.log"))
+    deadline = time.monotonic() + 30  # the app prints its lines just after the server starts answering
+    while "--share" not in path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    log = path.read_text()
     assert "Running on local URL" in log
+    # The start-up lines are the app's own: a public link is `--share`, not Gradio's `share=True` in launch().
+    assert "--share" in log and "share=True" not in log and "launch()" not in log
     # The package may log about the weights it was given; Gradio and Python must have nothing to warn about.
     others = [line for line in log.splitlines() if not line.startswith("WARNING tumor_xai.")]
     assert not [line for line in others if "warn" in line.lower()], log
@@ -327,10 +325,12 @@ def test_a_dicom_file_is_answered_like_an_image(client, tmp_path):
     dcm = tmp_path / "slice.dcm"
     shutil.copy(bundled, dcm)
     record, overlay = client.predict(handle_file(str(dcm)), api_name="/predict")
-    assert abs(sum(record[f"p_{c}"] for c in CLASSES) - 1.0) < 1e-4
     if record["in_distribution"]:
+        assert abs(sum(record[f"p_{c}"] for c in CLASSES) - 1.0) < 1e-4
         with Image.open(overlay) as ov:
             assert ov.size == (64, 64)  # the overlay has the DICOM slice's own size
+    else:  # the shipped weights' feature test refuses this 64 px phantom-like slice: no verdict, no overlay
+        assert record["ood_reason"] and overlay is None and all(record[f"p_{c}"] is None for c in CLASSES)
 
 
 @pytest.mark.slow
@@ -369,11 +369,35 @@ def test_a_scan_is_answered_slice_by_slice(client, tmp_path):
 def test_out_of_distribution_input_is_not_presented_as_a_normal_answer(client, tmp_path):
     from gradio_client import handle_file
 
+    from tumor_xai.report import batch_columns
+
     blank = tmp_path / "blank.png"
     Image.fromarray(np.full((256, 256), 128, np.uint8)).save(blank)
     record, overlay = client.predict(handle_file(str(blank)), api_name="/predict")
     assert overlay is None
-    assert record["in_distribution"] is False and record["label"] is None and "blank" in record["ood_reason"]
+    assert record["in_distribution"] is False and "blank" in record["ood_reason"]
+    # No verdict of any kind: class, probabilities, tumour probability, screening flag and target are all null.
+    assert {k for k, v in record.items() if v is not None} == {"in_distribution", "ood_reason"}, record
+    (row,), csv_path = client.predict([handle_file(str(blank))], api_name="/predict_batch")
+    assert {k for k, v in row.items() if v not in (None, "")} == {"file", "in_distribution", "ood_reason"}, row
+    with open(csv_path, newline="") as f:
+        header, cells = list(csv.reader(f))
+    assert header == batch_columns(CLASSES)
+    filled = {k for k, v in zip(header, cells, strict=True) if v}
+    assert filled == {"file", "in_distribution", "ood_reason"} and cells[header.index("in_distribution")] == "false"
+
+
+@pytest.mark.slow
+def test_view_api_names_every_return_type(client):
+    """`client.view_api()` once listed each endpoint's return as "1st: Any"."""
+    info = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    returns = {name: [r["python_type"]["type"] for r in e["returns"]] for name, e in info.items()}
+    record = "dict(str, str | float | bool | None)"
+    assert returns == {
+        "/predict": [record, "None | filepath"],
+        "/explain": [record, "None | filepath"],
+        "/predict_batch": [f"list[{record}]", "filepath"],
+    }
 
 
 @pytest.mark.slow
@@ -466,6 +490,8 @@ def test_a_stop_signal_leaves_nothing_in_the_cache(tmp_path, served):
             proc.send_signal(sig)
         for sig, (cache, proc, _, log) in servers.items():
             assert proc.wait(timeout=30) == 0, log.read_text()
+            text = log.read_text()
+            assert "stopping" in text and "Keyboard interruption" not in text, text
             assert [p for p in cache.rglob("*") if p.is_file()] == [], sig.name
             assert list(cache.iterdir()) == [], sig.name
     finally:
@@ -547,3 +573,34 @@ def test_page_answers_at_once_and_a_slow_heatmap_follows_in_its_own_queue(fresh_
     label, summary, original, overlay, record = slow.fn(path, "scorecam", "predicted", 0.5)
     assert record["method"] == "scorecam" and Image.open(overlay).size == Image.open(path).size
     assert slow.fn(path, "gradcam", "predicted", 0.5) == (gr.skip(),) * 5  # fast methods were answered already
+
+
+def test_batch_table_says_why_a_row_has_no_figures_before_the_figures(fresh_app, tmp_path):
+    import gradio as gr
+
+    app, _ = fresh_app
+    names = ["alpha", "beta", "notumor", "delta"]
+    headers = [
+        "file",
+        "result",
+        "P(alpha)",
+        "P(beta)",
+        "P(notumor)",
+        "P(delta)",
+        "tumour probability",
+        "screening flag",
+    ]
+    table = next(b for b in app.demo.blocks.values() if isinstance(b, gr.Dataframe) and b.elem_id == "batch-table")
+    assert table.value["headers"] == headers  # the empty table has real headers, not "1 2 3"
+    broken, blank = tmp_path / "broken.png", tmp_path / "blank.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    Image.fromarray(np.full((64, 64), 128, np.uint8)).save(blank)
+    batch = {fn.name: fn for fn in app.demo.fns.values()}["batch_page"]
+    shown, _, csv_path = batch.fn([str(EXAMPLES / "glioma_1.jpg"), str(broken), str(blank)], "gradcam", 0.5)
+    assert shown["headers"] == headers
+    good, bad, ood = shown["data"]
+    assert good[1] in names and good[2].endswith("%") and good[-1] in ("positive", "negative", "")
+    assert bad[:2] == ["broken.png", bad[1]] and bad[1].startswith("unreadable: ") and "broken.png" in bad[1]
+    assert ood[1].startswith("not assessed: ") and "blank" in ood[1] and ood[-1] == "not assessed"
+    assert bad[2:] == [""] * 6 and ood[2:-1] == [""] * 5  # no figures without a verdict
+    assert Path(csv_path).is_file()

@@ -1,7 +1,7 @@
 """The page in a real browser: headless Chromium uploads an example slice and sees the answer appear.
 
 Needs Debian's ``chromium`` and ``chromium-driver`` (``apt-get install -y chromium chromium-driver``);
-skips with that instruction when they are missing. With ``TUMOR_XAI_SCREENSHOT=1`` the final page is
+skips naming the one that is missing (the browser or its driver). With ``TUMOR_XAI_SCREENSHOT=1`` the final page is
 saved to ``assets/screenshot.png`` (the README's picture); otherwise to the test's tmp folder.
 """
 
@@ -11,18 +11,14 @@ import os
 import shutil
 
 import pytest
-from conftest import CLASSES, EXAMPLES, REPO
-from test_app import served_weights, start_app, stop_app
+from conftest import CLASSES, EXAMPLES, REPO, browser_missing
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
-if not (CHROMIUM and CHROMEDRIVER):
-    pytest.skip(
-        "headless Chromium is not installed: run `apt-get install -y chromium chromium-driver` to run the browser test",
-        allow_module_level=True,
-    )
+if reason := browser_missing(CHROMIUM, CHROMEDRIVER):
+    pytest.skip(reason, allow_module_level=True)
 
 CHROME_FLAGS = [
     "--headless=new",
@@ -39,12 +35,8 @@ CHROME_FLAGS = [
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("browser-server") / "cache"
-    cache.mkdir()
-    proc, url = start_app(served_weights(tmp_path_factory), cache)
-    yield url
-    stop_app(proc)
+def server(app_server) -> str:
+    return app_server[0]  # the session's server, shared with test_app.py (conftest.app_server)
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +153,106 @@ def test_scan_tab_shows_the_curve_the_slices_and_the_top_slices(server, browser,
     )
     browser.save_screenshot(str(shot))
     assert shot.stat().st_size > 10_000
+
+
+def _open_tab(browser, name: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    tab = next(t for t in browser.find_elements(By.CSS_SELECTOR, "[role=tab]") if t.text.strip() == name)
+    tab.click()
+
+
+def test_a_refused_image_gets_no_verdict_on_the_page(server, browser, tmp_path):
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    blank = tmp_path / "blank.png"
+    Image.new("L", (256, 256), 128).save(blank)
+    wait = WebDriverWait(browser, 60)
+    browser.get(server)
+    upload = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#image-input input[type=file]")))
+    upload.send_keys(str(blank))
+    summary = wait.until(
+        lambda d: "Not assessed" in d.find_element(By.ID, "summary").text and d.find_element(By.ID, "summary")
+    )
+    assert "Not assessed" in browser.find_element(By.ID, "label").text
+    text = summary.text
+    assert "Tumour probability" not in text and "Screening flag" not in text and "Most likely class" not in text
+    browser.find_element(By.XPATH, "//*[normalize-space()='Details (as the API returns them)']").click()
+    details = wait.until(EC.visibility_of_element_located((By.ID, "details")))
+    wait.until(lambda d: "in_distribution" in details.text)
+    compact = "".join(details.text.split())
+    for key in ("label", *(f"p_{c}" for c in CLASSES), "tumor_probability", "screening_positive", "target"):
+        assert f'"{key}":null' in compact, (key, compact)
+    assert '"in_distribution":false' in compact and "blank" in compact
+
+
+def test_batch_rows_say_why_where_the_eye_reaches(server, browser, tmp_path):
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    broken, blank = tmp_path / "broken.png", tmp_path / "blank.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    Image.new("L", (256, 256), 128).save(blank)
+    wait = WebDriverWait(browser, 60)
+    browser.get(server)
+    wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "[role=tab]")))
+    _open_tab(browser, "Batch")
+    table = wait.until(EC.visibility_of_element_located((By.ID, "batch-table")))
+    headers = [h.text.strip() for h in table.find_elements(By.CSS_SELECTOR, "thead th") if h.text.strip()]
+    assert headers[:2] == ["file", "result"] and "1" not in headers, headers
+    upload = browser.find_element(By.CSS_SELECTOR, "#batch-input input[type=file]")
+    upload.send_keys("\n".join(str(p) for p in (EXAMPLES / "glioma_1.jpg", broken, blank)))
+    browser.find_element(By.XPATH, "//button[normalize-space()='Classify all']").click()
+    wait.until(lambda d: "unreadable" in d.find_element(By.ID, "batch-table").text)
+    width = browser.execute_script("return window.innerWidth")
+    cells = {}
+    for word in ("unreadable: ", "not assessed: "):
+        found = browser.find_elements(
+            By.XPATH, f"//*[@id='batch-table']//*[starts-with(normalize-space(text()), '{word}')]"
+        )
+        shown = [cell for cell in found if cell.is_displayed() and cell.text.strip()]
+        if shown:
+            cells[word] = shown[0]
+    assert set(cells) == {"unreadable: ", "not assessed: "}, browser.find_element(By.ID, "batch-table").text
+    for cell in cells.values():  # the reason is on screen at 1400 px, not scrolled off to the right
+        right = browser.execute_script("return arguments[0].getBoundingClientRect().right", cell)
+        assert right <= width, (cell.text, right, width)
+    assert "broken.png" in cells["unreadable: "].text and "blank" in cells["not assessed: "].text
+
+
+def test_about_tab_shows_whole_plots_and_prose(server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 60)
+    browser.get(server)
+    wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "[role=tab]")))
+    _open_tab(browser, "About the model and data")
+    wait.until(EC.visibility_of_element_located((By.ID, "about")))
+    # Every table cell keeps its words whole: a number is never split over two lines ("131 / 1").
+    split = browser.execute_script("""
+        const out = [];
+        for (const td of document.querySelectorAll('#about td')) {
+            if (!/^[0-9.,]+$/.test(td.textContent.trim())) continue;
+            const r = document.createRange(); r.selectNodeContents(td);
+            const lines = new Set([...r.getClientRects()].map(x => Math.round(x.top)));
+            if (lines.size > 1) out.push(td.textContent.trim());
+        }
+        return out;""")
+    assert split == [], split
+    # Inline code stays inline: a sentence is not split around a block of code.
+    displays = browser.execute_script(
+        "return [...document.querySelectorAll('#about p code')].map(c => getComputedStyle(c).display)"
+    )
+    assert displays and set(displays) == {"inline"}, set(displays)
+    # The dataset plots are shown whole, not cropped to squares.
+    fits = browser.execute_script(
+        "return [...document.querySelectorAll('#dataset-plots img')].map(i => getComputedStyle(i).objectFit)"
+    )
+    assert fits and set(fits) == {"contain"}, fits

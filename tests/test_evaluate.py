@@ -312,7 +312,11 @@ def shipped_official(full_data):
     cfg = weights.preprocess
     samples = discover(full_data).splits["Testing"]
     split = decode_samples(samples, cfg.input_size)
-    probs = ev.predict_probabilities(weights, split.images, batch_size=64)
+    # The evaluation's forward and temperature (ev.predict_probabilities), in channels-last memory: the
+    # 1311 ResNet18 passes are most of the suite's time with the data set, and a third faster this way.
+    model = weights.model.to(memory_format=torch.channels_last)
+    logits = inference.forward(model, split.images, cfg, batch_size=64, channels_last=True).logits
+    probs = weights.decision.probabilities(logits).numpy()
     return classification_metrics(probs, split.labels, weights.class_names), weights.metadata
 
 

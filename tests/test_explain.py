@@ -33,7 +33,7 @@ def batch():
 
 def test_fast_gradcam_equals_library_gradcam(model, batch):
     x, targets = batch
-    fast = xai.explain_batch(model, x, targets, method="gradcam", layer="layer4")
+    fast = xai.explain_batch(model, x, targets, method="gradcam", layer="layer4", smooth=0)
     with GradCAM(model=model, target_layers=[model.layer4[-1]]) as cam:
         library = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets])
     assert fast.shape == library.shape == (3, 64, 64)
@@ -163,3 +163,35 @@ def test_scorecam_cost_is_bounded(model, batch):
     with pytest.raises(xai.ExplanationTimeout, match="scorecam stopped after 0 s.*use gradcam"):
         xai.scorecam(model, x[:1], targets[:1], "layer4", budget_s=0.0)
     assert "scorecam" in xai.SLOW_METHODS and "gradcam" not in xai.SLOW_METHODS
+
+
+def test_smoothing_turns_the_bilinear_diamond_into_a_round_region():
+    # One hot cell of a 7 x 7 map: bilinear upsampling draws a diamond (its 0.6 level is a square turned 45
+    # degrees); the smoothed map's 0.6 level is round, and the peak stays in the cell.
+    cam = np.zeros((1, 7, 7), np.float32)
+    cam[0, 3, 3] = 1.0
+    bilinear = xai.normalize_cams(cam, 224)
+    smooth = xai.smooth_heatmaps(bilinear, 32)
+    assert smooth.shape == (1, 224, 224) and smooth.max() == pytest.approx(1.0) and smooth.min() >= 0
+    peak = np.unravel_index(np.argmax(smooth[0]), (224, 224))
+    assert abs(peak[0] - 112) <= 2 and abs(peak[1] - 112) <= 2
+
+    def roundness(m: np.ndarray) -> float:
+        """The 0.6 level's extent along the diagonal over its extent along the axis: 1 for a disc."""
+        hot = m >= 0.6
+        axis = hot[112].sum()
+        diagonal = sum(hot[112 + d, 112 + d] for d in range(-112, 112)) * np.sqrt(2)
+        return diagonal / axis
+
+    assert roundness(bilinear[0]) < 0.85  # pinched along the diagonal: a four-pointed star
+    assert 0.95 < roundness(smooth[0]) < 1.05  # round
+    assert (xai.smooth_heatmaps(np.zeros((1, 8, 8), np.float32), 2) == 0).all()  # a flat map stays flat
+    np.testing.assert_array_equal(xai.smooth_heatmaps(bilinear, 32, sigma_cells=0), bilinear)
+    assert [xai.layer_stride(n) for n in ("layer4", "layer4.1", "layer3", "layer1")] == [32, 32, 16, 4]
+
+
+def test_the_app_draws_the_smoothed_map(model, batch):
+    x, targets = batch
+    drawn = xai.explain_batch(model, x, targets)
+    plain = xai.explain_batch(model, x, targets, smooth=0)
+    np.testing.assert_allclose(drawn, xai.smooth_heatmaps(plain, 32), atol=1e-6)

@@ -4,7 +4,9 @@ storage, the refit CLI, and the shipped detector on real non-brain medical image
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,8 @@ from tumor_xai.checkpoint import load_weights, save_weights
 from tumor_xai.decode import DecodedImage, load_image
 from tumor_xai.model import build_model
 from tumor_xai.preprocess import fit_square, quantize
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def decoded(gray: np.ndarray, colorfulness: float = 0.0) -> DecodedImage:
@@ -303,3 +307,48 @@ def test_fit_model_takes_training_tensors_and_check_falls_through_to_the_feature
     detector.shape_limits = None  # noise is no head either; here the feature test must say so by itself
     features = ood.extract_features(w.model, noise[None], w.preprocess)
     assert "feature distance" in ood.check(load_image(noise), noise, detector, features)
+
+
+# --------------------------------------------------------------------------- CT refused by its bone ring
+
+
+def _head(size: int, skull: float, skull_width: float, layer: float, rng: np.random.Generator) -> np.ndarray:
+    """An axial head: a textured brain (grey ~100), inside a dark layer of ``layer`` (share of the
+    radius, grey 15: MRI's signal-free bone), inside a ring of ``skull`` brightness and ``skull_width``."""
+    yy, xx = np.mgrid[:size, :size] - size / 2
+    r = np.hypot(yy, xx * 1.15) / (0.42 * size)
+    img = np.clip(rng.normal(100, 18, (size, size)), 40, 160)
+    img = np.where(r > 1 - skull_width - layer, 15.0, img)
+    img = np.where(r > 1 - skull_width, skull, img)
+    img = np.where(r > 1, 0.0, img)
+    return cv2.GaussianBlur(img.astype(np.float32), (3, 3), 0).clip(0, 255).astype(np.uint8)
+
+
+def test_the_bone_ring_tells_a_head_ct_from_an_mri_slice():
+    rng = np.random.default_rng(0)
+    ct = _head(224, skull=255, skull_width=0.09, layer=0.0, rng=rng)  # thick bright bone, brain right inside
+    mri = _head(224, skull=230, skull_width=0.04, layer=0.05, rng=rng)  # bright scalp fat, then dark bone
+    assert "looks like a CT slice" in ood.skull_ring_reason(ct)
+    ring = ood.skull_ring(ct)
+    assert ring["bright"] > 0.95 and 0.07 < ring["thick"] < 0.12 and ring["dark_layer"] > 0.8
+    assert ood.skull_ring_reason(mri) is None and ood.skull_ring(mri)["dark_layer"] < 0.3
+    # A head without a bright rim (T2, skull-stripped, the synthetic slices) is no CT either, nor is an empty square.
+    from conftest import synthetic_slice
+
+    assert ood.skull_ring_reason(synthetic_slice(1, rng, 224)) is None
+    assert ood.skull_ring(np.zeros((64, 64), np.uint8)) is None
+    # The check runs on every image, with or without fitted statistics.
+    assert "CT slice" in ood.check(load_image(ct), ct, None, None)
+
+
+def test_kaggle_ct_slices_are_refused_and_its_mri_slices_pass(full_data):
+    """The Kaggle set holds a few head CT slices among its MRI (by eye: benchmarks/testing_ct_slices.txt)."""
+    lines = (REPO_ROOT / "benchmarks" / "testing_ct_slices.txt").read_text().splitlines()
+    listed = [line for line in lines if line and not line.startswith("#")]
+    assert len(listed) == 35
+    for name in listed[::7]:
+        path = full_data / "Testing" / name
+        square = quantize(fit_square(load_image(path).gray, 224)[0])
+        assert ood.skull_ring_reason(square) is not None, name
+    for path in sorted((full_data / "Testing" / "glioma").glob("*.jpg"))[:40]:
+        assert ood.skull_ring_reason(quantize(fit_square(load_image(path).gray, 224)[0])) is None, path.name

@@ -138,3 +138,14 @@ def test_scans_get_a_folder_each_with_slices_curve_and_top_overlays(tiny_weights
     positions = [float(r["position_mm"]) for r in rows]
     assert positions == sorted(positions)
     assert len(read_rows(out)) == 2  # the unrelated DICOM files
+
+
+def test_an_out_of_distribution_file_gets_no_verdict_in_the_csv(tiny_weights, tmp_path):
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.full((64, 64), 128, np.uint8)).save(blank)
+    out = tmp_path / "out"
+    assert predict.main([str(blank), "--out", str(out), "--weights", str(tiny_weights), "--explain"]) == 0
+    (row,) = read_rows(out)
+    assert row["in_distribution"] == "false" and "blank" in row["ood_reason"] and row["error"] == ""
+    verdict = ["label", *(f"p_{c}" for c in CLASSES), "tumor_probability", "screening_positive", "target", "overlay"]
+    assert {k: row[k] for k in verdict} == dict.fromkeys(verdict, "")

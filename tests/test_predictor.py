@@ -121,9 +121,15 @@ def test_ood_flags_pictures_that_are_not_slices(tiny_weights, tiny_dataset):
     colour[16:48, 16:48, 0] = 255
     blank = np.zeros((64, 64), dtype=np.uint8)
     for image, reason in ((colour, "colour"), (blank, "blank")):
-        p = predictor.predict(image)
+        p = predictor.predict(image, explain=True)
         assert p.in_distribution is False and reason in p.ood_reason
-        assert sum(p.probabilities.values()) == pytest.approx(1.0)  # still answered, but flagged
+        # No verdict of any kind: no class, probabilities, tumour probability, flag or heatmap.
+        assert p.label is None and list(p.probabilities) == CLASSES and set(p.probabilities.values()) == {None}
+        assert p.tumor_probability is None and p.screening_positive is None
+        assert p.heatmap is None and p.overlay is None and p.method is None and p.target is None
+        record = p.to_dict()
+        assert record["in_distribution"] is False and record["ood_reason"] == p.ood_reason
+        assert [k for k, v in record.items() if v is not None] == ["in_distribution", "ood_reason"]
     noise = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)
     p = predictor.predict(noise)
     assert p.in_distribution is False and ("head-shaped" in p.ood_reason or "feature distance" in p.ood_reason)

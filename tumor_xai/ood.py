@@ -6,12 +6,18 @@
    checks still run. Only the closed-set codes :mod:`tumor_xai.dicom` puts in ``info`` are read.
 2. **Cheap checks** (:func:`cheap_checks`): colour pictures, blank images, extreme aspect ratios,
    tiny images.
-3. **Head shape** (:func:`head_shape`, model-free): on the square the model sees, the largest bright
+3. **Bone ring** (:func:`skull_ring`, model-free, fixed by reasoning, not fitted): a head CT shown in a
+   brain window has the skull as its brightest structure, a thick ring with the brain directly inside
+   it in a narrow grey band; in MRI cortical bone gives no signal, so the skull is a dark layer between
+   the scalp (bright fat) and the brain. Along rays from the head's centre to its outline, a CT slice
+   shows a bright, thick band at the rim with nothing much darker than the brain inside it. The Kaggle
+   dataset itself holds a few such CT slices among its MRI (they are refused too).
+4. **Head shape** (:func:`head_shape`, model-free): on the square the model sees, the largest bright
    connected region must look like a head on a dark background: large enough, one region rather than
    many, an outline close to its fitted ellipse, and MRI-like texture inside (grey-level entropy;
    phantoms and drawings have a handful of levels). Each limit is a low percentile of the Training
    split's own values (0.1 % by default), so about 0.1 % of real slices fall under each.
-4. **Feature layout** (:func:`layout_statistics`, from the classifier's own forward pass): where in
+5. **Feature layout** (:func:`layout_statistics`, from the classifier's own forward pass): where in
    the square each first-stage feature fires, the mean of every layer1 channel over a 3 x 3 grid
    (576 numbers for a ResNet18), scored by the Mahalanobis distance to the nearest class mean under
    one shared, Ledoit-Wolf-shrunk covariance (Lee et al., NeurIPS 2018). A brain slice puts the skull
@@ -25,7 +31,8 @@
 The statistics are fitted at training time (:func:`fit_model`) and stored beside the weights
 (``extras["ood.*"]``, ``metadata["ood"]``). ``python -m tumor_xai.ood --data DIR --weights DIR``
 refits them for an existing weights folder; ``benchmarks/ood.py`` measures the flag on the official
-Testing split and on a set of real non-brain medical images.
+Testing split, on a set of real non-brain medical images and, when given, on folders of head CT and
+of brain MRI from other collections.
 """
 
 from __future__ import annotations
@@ -62,6 +69,8 @@ __all__ = [
     "head_shape",
     "header_check",
     "layout_statistics",
+    "skull_ring",
+    "skull_ring_reason",
 ]
 
 logger = logging.getLogger(__name__)
@@ -143,6 +152,91 @@ def cheap_checks(image: DecodedImage) -> str | None:
     return None
 
 
+# The bone-ring test (:func:`skull_ring`). Fixed by what CT and MRI show, in units of the head (its radius
+# along each ray, its brightest 0.5 %), not fitted to any image set; a slice is CT-like when its median
+# ray meets all three.
+RING_RAYS = 90
+RING_DEPTH = 0.3  # rays are read from the outline inwards, over the outer 30 % of the radius
+RING_BRIGHT = 0.9  # the band is the brightest structure: >= 90 % of the head's 99.5th percentile
+RING_THICK = 0.05  # and thick: >= 5 % of the radius (a skull; MRI's scalp fat is a thin line before dark bone)
+RING_NO_DARK_LAYER = 0.6  # and no darker layer than 60 % of the brain's level lies between it and the brain
+_RING_T = np.linspace(0.0, RING_DEPTH, 61)
+
+
+def _head_region(square: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(foreground, largest region, that region filled) as uint8 masks of ``square``; None when empty."""
+    blurred = cv2.GaussianBlur(square, (5, 5), 0)
+    mask = (blurred > 0.1 * float(np.percentile(blurred, 99))).astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    if n <= 1:
+        return None
+    largest = (labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))).astype(np.uint8)
+    contours, _ = cv2.findContours(largest, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    filled = np.zeros_like(largest)
+    cv2.drawContours(filled, [max(contours, key=cv2.contourArea)], -1, 1, thickness=-1)
+    return mask, largest, filled
+
+
+def skull_ring(square: np.ndarray) -> dict[str, float] | None:
+    """The bone-ring statistics of the uint8 square ``(S, S)`` the model sees; None when there is no head.
+
+    Each of :data:`RING_RAYS` rays runs from the head's centroid to its outline and is read over its outer
+    :data:`RING_DEPTH` (inwards), in units of the head's 99.5th-percentile intensity. Per ray: ``bright``,
+    the peak within the outer half of that depth; ``thick``, the width (share of the radius) of the run
+    around the peak above the midpoint between peak and brain; ``dark_layer``, the darkest point inside
+    the peak over the brain's level (the median of the ray's inner sixth). Returned: each one's median over
+    the rays.
+    """
+    region = _head_region(square)
+    if region is None or region[2].sum() < 0.02 * square.size:
+        return None
+    filled = region[2]
+    ys, xs = np.nonzero(filled)
+    cy, cx = float(ys.mean()), float(xs.mean())
+    angles = np.linspace(0.0, 2 * np.pi, RING_RAYS, endpoint=False)
+    dy, dx = np.sin(angles)[:, None], np.cos(angles)[:, None]
+    steps = np.arange(0.0, 1.5 * square.shape[0], 0.5)[None, :]
+    inside = cv2.remap(filled, (cx + steps * dx).astype(np.float32), (cy + steps * dy).astype(np.float32),
+                       cv2.INTER_NEAREST, borderValue=0)  # fmt: skip
+    last = inside.shape[1] - 1 - np.argmax(inside[:, ::-1] > 0, axis=1)
+    radius = np.where(inside.any(axis=1), steps[0, last], 0.0)[:, None]
+    r = radius * (1.0 - _RING_T[None, :])
+    top = max(float(np.percentile(square[filled > 0], 99.5)), 1.0)
+    rays = cv2.remap(square.astype(np.float32), (cx + r * dx).astype(np.float32), (cy + r * dy).astype(np.float32),
+                     cv2.INTER_LINEAR) / top  # fmt: skip
+    outer = _RING_T <= RING_DEPTH / 2
+    peak_at = np.argmax(rays[:, outer], axis=1)
+    peak = rays[np.arange(len(rays)), peak_at]
+    brain = np.median(rays[:, _RING_T >= RING_DEPTH * 5 / 6], axis=1)
+    level = ((peak + brain) / 2)[:, None]
+    idx = np.arange(len(_RING_T))[None, :]
+    below = rays < level
+    # the run above ``level`` around the peak: from the last dip before it to the first dip after it
+    start = np.where(below & (idx < peak_at[:, None]), idx, -1).max(axis=1) + 1
+    stop = np.where(below & (idx > peak_at[:, None]), idx, len(_RING_T)).min(axis=1) - 1
+    thick = _RING_T[stop] - _RING_T[start]
+    darkest = np.where(idx >= peak_at[:, None], rays, np.inf).min(axis=1)
+    dark_layer = darkest / np.maximum(brain, 1e-3)
+    return {
+        "bright": float(np.median(peak)),
+        "thick": float(np.median(thick)),
+        "dark_layer": float(np.median(dark_layer)),
+    }
+
+
+def skull_ring_reason(square: np.ndarray) -> str | None:
+    """Why the uint8 model square ``square`` looks like a head CT rather than an MRI slice, or ``None``."""
+    ring = skull_ring(square)
+    if ring is None:
+        return None
+    if ring["bright"] >= RING_BRIGHT and ring["thick"] >= RING_THICK and ring["dark_layer"] >= RING_NO_DARK_LAYER:
+        return (
+            "this looks like a CT slice, not an MRI slice: the brightest structure is a thick ring around the head "
+            "(bone, as CT shows it) with the brain directly inside it, while in MRI the skull is dark"
+        )
+    return None
+
+
 def head_shape(square: np.ndarray) -> dict[str, float]:
     """Model-free statistics of the uint8 square ``(S, S)`` the model sees; low values are unlike a head.
 
@@ -152,16 +246,12 @@ def head_shape(square: np.ndarray) -> dict[str, float]:
     filled region with its fitted ellipse; ``texture`` the entropy (bits) of a 64-bin grey-level
     histogram inside the region.
     """
-    blurred = cv2.GaussianBlur(square, (5, 5), 0)
-    mask = (blurred > 0.1 * float(np.percentile(blurred, 99))).astype(np.uint8)
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
-    if n <= 1:
+    region = _head_region(square)
+    if region is None:
         return dict.fromkeys(SHAPE_STATS, 0.0)
-    largest = (labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))).astype(np.uint8)
-    contours, _ = cv2.findContours(largest, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    mask, largest, filled = region
+    contours, _ = cv2.findContours(filled, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     outline = max(contours, key=cv2.contourArea)
-    filled = np.zeros_like(largest)
-    cv2.drawContours(filled, [outline], -1, 1, thickness=-1)
     ellipse_fit = 0.0
     if len(outline) >= 5:
         ellipse = np.zeros_like(largest)
@@ -360,9 +450,10 @@ def check(
     image: DecodedImage, square: np.ndarray, detector: OodDetector | None, features: torch.Tensor | None
 ) -> str | None:
     """Why ``image`` is not a brain MRI slice like the training data, or ``None``: the header, the cheap
-    checks, then (with a fitted detector) the head shape of ``square`` (its uint8 model-input square)
-    and the distance of ``features`` (its :func:`feature_vector`, ``(D,)`` or ``(1, D)``); first reason wins."""
-    reason = header_check(image) or cheap_checks(image)
+    checks, the bone ring of ``square`` (its uint8 model-input square), then (with a fitted detector) its
+    head shape and the distance of ``features`` (its :func:`feature_vector`, ``(D,)`` or ``(1, D)``);
+    first reason wins."""
+    reason = header_check(image) or cheap_checks(image) or skull_ring_reason(square)
     if reason is not None or detector is None:
         return reason
     reason = detector.shape_reason(head_shape(square))

@@ -155,7 +155,7 @@ def run(files: list[Path], out: Path, predictor: Predictor, explain: bool, metho
                 yield batch_row(str(path), names, None, error=str(exc))
                 continue
             overlay = ""
-            if explain:
+            if explain and pred.overlay is not None:  # out of distribution: no heatmap
                 overlay = str(out / OVERLAY_DIR / _overlay_name(i, path))
                 pred.overlay.save(overlay)
             yield batch_row(str(path), names, pred, overlay=overlay)

@@ -42,8 +42,8 @@ logger = logging.getLogger(__name__)
 class Prediction:
     """What the model says about one slice."""
 
-    probabilities: dict[str, float]
-    label: str
+    probabilities: dict[str, float | None]  # every value None out of distribution
+    label: str | None  # None out of distribution
     tumor_probability: float | None = None
     screening_positive: bool | None = None
     in_distribution: bool = True
@@ -57,13 +57,13 @@ class Prediction:
     def to_dict(self) -> dict[str, object]:
         """The answer as one flat record: what the API returns and each batch CSV row holds, in this order.
 
-        ``label`` is None out of distribution (no class is claimed); the raw probabilities stay for
-        the record. Keys: ``label``, ``p_<class>`` in the weights' class order, ``tumor_probability``,
-        ``screening_positive``, ``in_distribution``, ``ood_reason``, ``method``, ``target``.
+        Keys: ``label``, ``p_<class>`` in the weights' class order, ``tumor_probability``,
+        ``screening_positive``, ``in_distribution``, ``ood_reason``, ``method``, ``target``. Out of
+        distribution every verdict (class, probabilities, tumour probability, flag, heatmap target) is None.
         """
         return {
-            "label": self.label if self.in_distribution else None,
-            **{f"p_{name}": float(p) for name, p in self.probabilities.items()},
+            "label": self.label,
+            **{f"p_{name}": None if p is None else float(p) for name, p in self.probabilities.items()},
             "tumor_probability": self.tumor_probability,
             "screening_positive": self.screening_positive,
             "in_distribution": bool(self.in_distribution),
@@ -145,7 +145,9 @@ class Predictor:
         """Classify one slice; with ``explain``, also a heatmap of ``target`` (default: the predicted class).
 
         ``image`` is a path, bytes, PIL image, numpy array or an already decoded image; a bad file
-        raises :class:`tumor_xai.decode.InvalidImageError`, a bad option ``ValueError``.
+        raises :class:`tumor_xai.decode.InvalidImageError`, a bad option ``ValueError``. An image the
+        out-of-distribution check refuses gets no verdict: no class, probabilities, tumour probability,
+        screening flag or heatmap, only ``in_distribution=False`` and the reason.
         """
         if explain:
             self.check_options(method, target, layer, colormap, alpha)
@@ -159,20 +161,23 @@ class Predictor:
         label_idx = int(np.argmax(probs))
         target_idx = label_idx if target is None else self.class_names.index(target)
 
+        features = feature_vector(out) if self.ood is not None else None
+        reason = ood_check(decoded, squares[0], self.ood, features)
+        if reason is not None:  # the model's numbers for such an image mean nothing: none leave here
+            none = dict.fromkeys(self.class_names)
+            return Prediction(none, None, in_distribution=False, ood_reason=reason, image=decoded)
+
         probabilities = {c: float(p) for c, p in zip(self.class_names, probs, strict=False)}
         pred = Prediction(probabilities=probabilities, label=self.class_names[label_idx], image=decoded)
         pred.tumor_probability = self.decision.tumor_probability(probabilities)
         pred.screening_positive = self.decision.screening_positive(pred.tumor_probability)
-        features = feature_vector(out) if self.ood is not None else None
-        reason = ood_check(decoded, squares[0], self.ood, features)
-        pred.in_distribution, pred.ood_reason = reason is None, reason
 
         if explain:
             size = self.preprocess.input_size
             if fast:
                 with torch.inference_mode():
                     cam = inference.class_activation_map(out.fmap, self.model.fc.weight, torch.tensor([target_idx]))
-                heat = xai.normalize_cams(cam.numpy(), size)[0]
+                heat = xai.smooth_heatmaps(xai.normalize_cams(cam.numpy(), size), size / cam.shape[-1])[0]
             else:
                 x = inference.to_input(squares, self.preprocess)
                 heat = xai.explain_batch(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TextIO
@@ -20,6 +21,8 @@ __all__ = [
     "about_markdown",
     "batch_columns",
     "batch_row",
+    "batch_table",
+    "batch_table_headers",
     "csv_cell",
     "label_data",
     "summary_markdown",
@@ -101,10 +104,14 @@ def _metrics_markdown(metrics: dict | None, limit: int = 60) -> str:
 
 
 def about_markdown(weights_dir: Path, metadata: dict, class_names: list[str]) -> str:
-    """The About tab: the weights' own model card (its limits included) and the metrics stored with them."""
+    """The About tab: the weights' own model card (its limits included) and the metrics stored with them.
+
+    A number and its unit ("0.92 %", "1.5 h") are joined by a no-break space, so a narrow table column
+    never puts the unit on a line of its own.
+    """
     card = weights_dir / "MODEL_CARD.md"
     prep = metadata.get("preprocessing", {})
-    return "\n\n".join(
+    text = "\n\n".join(
         [
             "## About the model and data",
             DISCLAIMER,
@@ -114,6 +121,7 @@ def about_markdown(weights_dir: Path, metadata: dict, class_names: list[str]) ->
             _metrics_markdown(metadata.get("metrics")),
         ]
     )
+    return re.sub(r"(\d) (h|px|s|ms|MB)\b", "\\1\u00a0\\2", text.replace(" %", "\u00a0%"))
 
 
 # ----------------------------------------------------------------------------- batch records
@@ -132,6 +140,36 @@ def batch_row(file: str, class_names: list[str], pred: Prediction | None, overla
     if pred is not None:
         row.update(pred.to_dict())
     return row
+
+
+def batch_table_headers(class_names: list[str]) -> list[str]:
+    """The batch tab's table: the file, then what happened to it in words, then the figures."""
+    return ["file", "result", *(f"P({c})" for c in class_names), "tumour probability", "screening flag"]
+
+
+def _pct_cell(value: float | None) -> str:
+    return "" if value is None else f"{value:.1%}"
+
+
+def batch_table(rows: list[dict], class_names: list[str]) -> list[list[str]]:
+    """The batch tab's cells for ``rows`` (:func:`batch_row` dicts), under :func:`batch_table_headers`.
+
+    The ``result`` column, second from the left so that it is read first, says what happened: the class, or
+    "not assessed" with the out-of-distribution reason, or "unreadable" with the error; a row without a
+    verdict has empty figures. (The CSV and the API keep the record's own columns.)
+    """
+    table = []
+    for row in rows:
+        if row.get("error"):
+            result, flag = f"unreadable: {row['error']}", ""
+        elif not row.get("in_distribution"):
+            result, flag = f"not assessed: {row.get('ood_reason') or 'out of distribution'}", "not assessed"
+        else:
+            result = row["label"]
+            flag = {True: "positive", False: "negative", None: ""}[row.get("screening_positive")]
+        figures = [_pct_cell(row.get(f"p_{c}")) for c in class_names] + [_pct_cell(row.get("tumor_probability"))]
+        table.append([csv_cell(row["file"]), result, *figures, flag])
+    return table
 
 
 def csv_cell(value: Any) -> str:

@@ -226,18 +226,37 @@ def serve_forever(demo: Any, args: argparse.Namespace, cache: Path, **launch: An
     sweeper = CacheSweeper(cache, args.cache_frequency, args.cache_age)
     sweeper.start()
     try:
+        # quiet: Gradio's own start-up lines tell the user to set share=True in launch(), not our --share.
         demo.launch(
             server_name=args.host,
             server_port=args.port,
             share=args.share,
             max_file_size=args.max_file_size,
             prevent_thread_lock=True,
+            quiet=True,
             **launch,
         )
         demo.server.config.timeout_graceful_shutdown = STOP_GRACE_S
-        demo.block_thread()
+        print(f"* Running on local URL:  {demo.local_url}", flush=True)
+        if not demo.share_url:  # with a link, Gradio has printed it ("Running on public URL")
+            print("* For a temporary public link, start with --share (or GRADIO_SHARE=true).", flush=True)
+        _block_until_stopped(demo)
     finally:
         sweeper.stop()
+
+
+def _block_until_stopped(demo: Any) -> None:
+    """Gradio's ``block_thread`` with our own words: a stop signal is no "Keyboard interruption"."""
+    try:
+        while demo.is_running:
+            time.sleep(0.1)
+    except KeyboardInterrupt:  # SIGINT, and SIGTERM through install_shutdown
+        print("stopping: closing the server and deleting its cache folder", flush=True)
+        demo.close(verbose=False)
+        from gradio.tunneling import CURRENT_TUNNELS  # the --share link's tunnel, if any
+
+        for tunnel in CURRENT_TUNNELS:
+            tunnel.kill()
 
 
 # ----------------------------------------------------------------------------- requests
