@@ -397,6 +397,7 @@ def test_view_api_names_every_return_type(client):
         "/predict": [record, "None | filepath"],
         "/explain": [record, "None | filepath"],
         "/predict_batch": [f"list[{record}]", "filepath"],
+        "/predict_scan": ["dict(str, Any)", "list[dict(str, Any)]", "filepath", "filepath", "list[filepath]"],
     }
 
 

@@ -85,7 +85,13 @@ def test_a_volume_object_is_taken_as_it_is_and_thin_reformats_are_refused(tiny_w
     predictor = Predictor.from_pretrained(tiny_weights_dir)
     vol = read_volume(scan_path)
     scan = predictor.predict_volume(vol)
-    assert scan.volume is vol and len(scan.rows()) == len(vol)
+    rows = scan.rows()
+    assert scan.volume is vol and len(rows) == len(vol)
+    verdict = ["label", *(f"p_{c}" for c in scan.class_names), "tumor_probability", "screening_positive"]
+    for row, excluded in zip(rows, scan.excluded, strict=True):  # not assessed: no verdict, only the reason
+        assert row["assessed"] is (excluded is None) and row["not_assessed_reason"] == excluded
+        assert all((row[k] is None) is (excluded is not None) for k in verdict), row
+    assert any(e is not None for e in scan.excluded) and any(e is None for e in scan.excluded)
     # 7 slices of 2.5 mm make 96 x 18 px coronal slices: strips, not slices like the training ones
     with pytest.raises(InvalidImageError, match="do not look like the brain MRI slices"):
         predictor.predict_volume(read_volume(scan_path, "coronal"))

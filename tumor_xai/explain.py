@@ -57,6 +57,7 @@ __all__ = [
     "resolve_layer",
     "scorecam",
     "smooth_heatmaps",
+    "drawn_heatmaps",
 ]
 
 
@@ -178,6 +179,12 @@ def smooth_heatmaps(maps: np.ndarray, cell: float, sigma_cells: float = SMOOTH_S
     return out
 
 
+def drawn_heatmaps(cams: np.ndarray, size: int, smooth: float = SMOOTH_SIGMA_CELLS) -> np.ndarray:
+    """Low-resolution class activation maps ``(N, h, w)`` -> the heatmaps the app draws ``(N, size, size)``:
+    upsampled and normalised (:func:`normalize_cams`), then smoothed over cells of ``size / w`` pixels."""
+    return smooth_heatmaps(normalize_cams(cams, size), size / cams.shape[-1], smooth)
+
+
 def _activations(model: nn.Module, x: torch.Tensor, layer: str | None) -> torch.Tensor:
     """The output of ``layer`` (a ResNet stage or block) by running the stem and stages up to it: no hooks."""
     target = resolve_layer(model, layer)
@@ -284,10 +291,8 @@ def explain_batch(
         with torch.inference_mode():
             fmap, _ = features_and_logits(model, x)
             cams = class_activation_map(fmap, model.fc.weight, targets)
-        maps = normalize_cams(cams.float().cpu().numpy(), x.shape[-1])
-    else:
-        maps = _library_cams(model, x, targets, method, layer)
-    return smooth_heatmaps(maps, layer_stride(layer), smooth)
+        return drawn_heatmaps(cams.float().cpu().numpy(), x.shape[-1], smooth)
+    return smooth_heatmaps(_library_cams(model, x, targets, method, layer), layer_stride(layer), smooth)
 
 
 DEFAULT_COLORMAP = "inferno"

@@ -177,7 +177,7 @@ class Predictor:
             if fast:
                 with torch.inference_mode():
                     cam = inference.class_activation_map(out.fmap, self.model.fc.weight, torch.tensor([target_idx]))
-                heat = xai.smooth_heatmaps(xai.normalize_cams(cam.numpy(), size), size / cam.shape[-1])[0]
+                heat = xai.drawn_heatmaps(cam.numpy(), size)[0]
             else:
                 x = inference.to_input(squares, self.preprocess)
                 heat = xai.explain_batch(

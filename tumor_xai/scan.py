@@ -76,7 +76,7 @@ class ScanPrediction:
 
     def heatmap(self, index: int) -> np.ndarray:
         """Slice ``index``'s Grad-CAM (its predicted class) on the slice's own pixels, float32 in [0, 1]."""
-        heat = xai.normalize_cams(self.cams[index : index + 1], self.input_size)[0]
+        heat = xai.drawn_heatmaps(self.cams[index : index + 1], self.input_size)[0]
         return np.clip(self.geometry.to_original(heat), 0.0, 1.0).astype(np.float32)
 
     def overlay(
@@ -100,15 +100,19 @@ class ScanPrediction:
         positive = self.screening_positive
         out = []
         for i in range(len(self.volume)):
-            counted = self.excluded[i] is None
+            counted = self.excluded[i] is None  # a slice not assessed gets no verdict: every figure null
+            tumor = None if self.tumor_probability is None or not counted else float(self.tumor_probability[i])
             out.append(
                 {
                     "slice": i,
                     "position_mm": float(self.volume.positions[i]),
                     "label": self.labels[i] if counted else None,
-                    **{f"p_{c}": float(p) for c, p in zip(self.class_names, self.probabilities[i], strict=True)},
-                    "tumor_probability": None if self.tumor_probability is None else float(self.tumor_probability[i]),
-                    "screening_positive": None if positive is None else bool(positive[i]),
+                    **{
+                        f"p_{c}": float(p) if counted else None
+                        for c, p in zip(self.class_names, self.probabilities[i], strict=True)
+                    },
+                    "tumor_probability": tumor,
+                    "screening_positive": None if positive is None or not counted else bool(positive[i]),
                     "assessed": counted,
                     "not_assessed_reason": self.excluded[i],
                     "top_rank": self.top.index(i) + 1 if i in self.top else None,
@@ -167,7 +171,7 @@ def slice_overlay(
     """A slice (H x W in [0, 1]) with its low-resolution Grad-CAM ``cam`` drawn on it; ``None``: the slice alone."""
     if cam is None:
         return Image.fromarray(np.round(np.clip(gray, 0.0, 1.0) * 255.0).astype(np.uint8)).convert("RGB")
-    heat = xai.normalize_cams(cam[None], input_size)[0]
+    heat = xai.drawn_heatmaps(cam[None], input_size)[0]
     heat = np.clip(geometry.to_original(heat), 0.0, 1.0).astype(np.float32)
     return xai.overlay(np.asarray(gray, dtype=np.float32), heat, colormap, alpha)
 
