@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import torch
+from load import cpu_seconds, free_port, vm_status  # benchmarks/load.py: the same /proc readings
 from PIL import Image
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
@@ -96,13 +96,6 @@ def end_to_end(predictor: Predictor, source, out: Path) -> tuple[float, float]:
     return time.perf_counter() - start, time.process_time() - cpu
 
 
-def vm_hwm_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def wait_until_serving(proc: subprocess.Popen, url: str, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -117,18 +110,10 @@ def wait_until_serving(proc: subprocess.Popen, url: str, timeout: float = 120.0)
     raise RuntimeError(f"app.py did not answer within {timeout:.0f} s")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` so far (its threads included)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def app_run(cases: dict[str, list[Path]], tmp: Path) -> None:
     from gradio_client import Client, handle_file
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cache = tmp / "cache"
     cache.mkdir()
     log = tmp / "app.log"
@@ -145,7 +130,7 @@ def app_run(cases: dict[str, list[Path]], tmp: Path) -> None:
     try:
         url = f"http://127.0.0.1:{port}"
         wait_until_serving(proc, url)
-        print(f"app: resting peak memory (VmHWM) {vm_hwm_mb(proc.pid):.0f} MB")
+        print(f"app: resting peak memory (VmHWM) {vm_status(proc.pid)['VmHWM']:.0f} MB")
         client = Client(url, verbose=False, download_files=str(tmp / "downloads"))
         for name, files in cases.items():
             start, cpu = time.perf_counter(), cpu_seconds(proc.pid)
@@ -154,7 +139,7 @@ def app_run(cases: dict[str, list[Path]], tmp: Path) -> None:
             print(
                 f"app /predict_scan {name}: {took:.2f} s (upload included; the server's CPU {cpu:.2f} s), "
                 f"{summary['slices']} slices; "
-                f"server peak memory (VmHWM) so far {vm_hwm_mb(proc.pid):.0f} MB (bar 1536 MB)"
+                f"server peak memory (VmHWM) so far {vm_status(proc.pid)['VmHWM']:.0f} MB (bar 1536 MB)"
             )
     finally:
         proc.terminate()
