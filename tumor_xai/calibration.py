@@ -106,3 +106,27 @@ def choose_threshold(
         sensitivity,
     )
     return threshold
+
+
+def fit_decision(logits: torch.Tensor, labels: torch.Tensor, negative: int | None, sensitivity: float) -> dict:
+    """The weights' decision metadata fitted on validation logits: ``calibration`` (the temperature),
+    ``screening`` (the highest threshold on ``1 - P(negative)`` that keeps ``sensitivity`` on the tumours;
+    only with a negative class) and ``validation`` (accuracy and size)."""
+    from tumor_xai.checkpoint import NEGATIVE_CLASS
+
+    temperature = fit_temperature(logits, labels)
+    probs = torch.softmax(logits / temperature, dim=1).numpy()
+    meta: dict = {
+        "calibration": {"temperature": float(temperature), "fitted_on": "validation carve-out", "n": len(labels)}
+    }
+    if negative is not None:
+        threshold = choose_threshold(1.0 - probs[:, negative], labels.numpy() != negative, sensitivity)
+        meta["screening"] = {
+            "threshold": float(threshold),
+            "negative_class": NEGATIVE_CLASS,
+            "target_sensitivity": sensitivity,
+            "chosen_on": "validation carve-out",
+            "definition": "tumour probability = 1 - P(notumor); positive when >= threshold",
+        }
+    meta["validation"] = {"accuracy": float((logits.argmax(1) == labels).float().mean()), "n": len(labels)}
+    return meta

@@ -261,7 +261,9 @@ def load_weights(path: str | Path | None = None, device: str | torch.device = "c
         k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items() if not k.startswith(EXTRA_PREFIX)
     }
     try:
-        model = build_model(meta["arch"], len(meta["class_names"]), in_chans=meta.get("in_chans", 1))
+        model = build_model(
+            meta["arch"], len(meta["class_names"]), in_chans=meta.get("in_chans", 1), members=meta.get("members", 1)
+        )
     except ValueError as exc:
         raise WeightsError(_fix(str(exc), folder)) from exc
     try:

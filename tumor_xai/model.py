@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -9,7 +10,7 @@ from torch import nn
 from torchvision import models
 from torchvision.models.resnet import BasicBlock
 
-__all__ = ["ARCHITECTURES", "build_model", "features_and_logits", "check_input_size"]
+__all__ = ["ARCHITECTURES", "build_model", "check_input_size", "combine_models", "features_and_logits"]
 
 
 class TinyResNet(models.ResNet):
@@ -57,13 +58,17 @@ def check_input_size(size: int) -> None:
 
 
 def build_model(
-    arch: str = "resnet18", num_classes: int = 4, in_chans: int = 1, pretrained: str | None = None
+    arch: str = "resnet18", num_classes: int = 4, in_chans: int = 1, pretrained: str | None = None, members: int = 1
 ) -> nn.Module:
     """A torchvision ResNet with ``in_chans`` input channels and ``num_classes`` outputs.
 
     ``pretrained="imagenet"`` downloads torchvision's ImageNet weights (internet needed) and folds
-    the RGB stem into one channel by summing it; the default trains from scratch.
+    the RGB stem into one channel by summing it; the default trains from scratch. ``members`` > 1 builds
+    the shape of :func:`combine_models` of that many such networks (to load an ensemble's weights into).
     """
+    if members > 1:
+        one = build_model(arch, num_classes, in_chans)
+        return combine_models([one] * members)
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
     if pretrained not in (None, "imagenet"):
@@ -114,3 +119,57 @@ def features_and_logits(
     fmap = x
     logits = model.fc(torch.flatten(model.avgpool(fmap), 1))
     return fmap, logits
+
+
+def combine_models(models: list[nn.Module]) -> nn.Module:
+    """Several trained ResNets of one architecture as ONE ResNet whose logits are the mean of theirs.
+
+    Every stage runs the members side by side: the stem convolution stacks their filters, the later
+    convolutions become grouped convolutions (one group per member, so no member sees another's
+    channels), the BatchNorms concatenate, and the final linear layer averages their logits. The result
+    has the usual module names (``conv1`` ... ``layer4``, ``fc``), so everything that takes one ResNet
+    takes it: the hook-free Grad-CAM of the last block (which is then the Grad-CAM of the averaged
+    logit), pytorch-grad-cam's methods, the out-of-distribution features, channels-last inference.
+    """
+    if not models:
+        raise ValueError("combine_models needs at least one model")
+    n = len(models)
+    named = [dict(m.named_modules()) for m in models]
+    if any(set(d) != set(named[0]) for d in named):
+        raise ValueError("the models to combine have different architectures")
+    out = copy.deepcopy(models[0])
+    for name, mod in list(out.named_modules()):
+        parts = [d[name] for d in named]
+        parent, _, leaf = name.rpartition(".")
+        holder = out.get_submodule(parent) if parent else out
+        if isinstance(mod, nn.Conv2d):
+            stem = name == "conv1"  # every member reads the same image
+            new = nn.Conv2d(
+                mod.in_channels * (1 if stem else n), mod.out_channels * n, mod.kernel_size, mod.stride,
+                mod.padding, mod.dilation, groups=mod.groups * (1 if stem else n), bias=mod.bias is not None,
+            )  # fmt: skip
+            _copy(new, parts, {"weight": 0, "bias": 0})
+        elif isinstance(mod, nn.BatchNorm2d):
+            new = nn.BatchNorm2d(mod.num_features * n, eps=mod.eps, momentum=mod.momentum)
+            _copy(new, parts, {"weight": 0, "bias": 0, "running_mean": 0, "running_var": 0})
+        elif isinstance(mod, nn.Linear):
+            if name != "fc":
+                raise ValueError(f"cannot combine the linear layer {name!r}: only the final fc is supported")
+            new = nn.Linear(mod.in_features * n, mod.out_features)
+            with torch.no_grad():
+                new.weight.copy_(torch.cat([p.weight for p in parts], dim=1) / n)
+                new.bias.copy_(torch.stack([p.bias for p in parts]).mean(0))
+        else:
+            if any(True for _ in mod.parameters(recurse=False)):
+                raise ValueError(f"cannot combine {name!r} ({type(mod).__name__})")
+            continue
+        setattr(holder, leaf, new)
+    return out
+
+
+def _copy(new: nn.Module, parts: list[nn.Module], tensors: dict[str, int]) -> None:
+    """Set ``new``'s tensors to the members' tensors concatenated along the given dimension."""
+    with torch.no_grad():
+        for key, dim in tensors.items():
+            if getattr(new, key, None) is not None:
+                getattr(new, key).copy_(torch.cat([getattr(p, key) for p in parts], dim=dim))

@@ -195,6 +195,12 @@ def check_init(cfg: TrainConfig) -> None:
         ) from None
     if meta.get("arch") != cfg.arch:
         raise ValueError(f"--init {cfg.init} holds a {meta.get('arch')}, but --arch is {cfg.arch}")
+    if meta.get("members", 1) > 1:
+        members = [m.get("folder") for m in (meta.get("ensemble") or {}).get("members", [])]
+        raise ValueError(
+            f"--init {cfg.init} is an ensemble of {meta['members']} networks (python -m tumor_xai.ensemble): "
+            f"fine-tune one of its members ({', '.join(map(str, members)) or 'see its model.json'}) instead"
+        )
     trained = meta.get("training") or {}
     theirs, ours = carve_out_seed(trained), carve_out_seed(vars(cfg))
     if theirs != ours:
@@ -935,28 +941,6 @@ def weights_metadata(
     return meta
 
 
-def _calibration(ctx: RunContext, logits: torch.Tensor, y: torch.Tensor, class_names: list[str]) -> dict:
-    """The temperature, screening threshold and accuracy fitted on the validation carve-out, as metadata."""
-    from tumor_xai import calibration
-
-    temperature = calibration.fit_temperature(logits, y)
-    probs = torch.softmax(logits / temperature, dim=1).numpy()
-    where = {"fitted_on": "validation carve-out", "n": len(y)}
-    meta: dict = {"calibration": {"temperature": float(temperature), **where}}
-    if ctx.negative is not None:
-        k = ctx.negative
-        threshold = calibration.choose_threshold(1.0 - probs[:, k], y.numpy() != k, ctx.cfg.screening_sensitivity)
-        meta["screening"] = {
-            "threshold": float(threshold),
-            "negative_class": NEGATIVE_CLASS,
-            "target_sensitivity": ctx.cfg.screening_sensitivity,
-            "chosen_on": "validation carve-out",
-            "definition": "tumour probability = 1 - P(notumor); positive when >= threshold",
-        }
-    meta["validation"] = {"accuracy": float((logits.argmax(1) == y).float().mean()), "n": len(y)}
-    return meta
-
-
 def finalize(ctx: RunContext, run: RunData) -> dict:
     """Calibrate the best checkpoint on the validation split, fit the OOD statistics, write OUT/.
 
@@ -964,6 +948,7 @@ def finalize(ctx: RunContext, run: RunData) -> dict:
     of slices near it.
     """
     from tumor_xai import ood
+    from tumor_xai.calibration import fit_decision
 
     best = load_weights(ctx.out / "best", device=ctx.device)
     meta = dict(best.metadata)
@@ -973,7 +958,9 @@ def finalize(ctx: RunContext, run: RunData) -> dict:
 
     if len(run.val_idx):
         val = forward(run.val_idx)
-        fitted = _calibration(ctx, val.logits, run.all.labels[run.val_idx].cpu(), run.class_names)
+        fitted = fit_decision(
+            val.logits, run.all.labels[run.val_idx].cpu(), ctx.negative, ctx.cfg.screening_sensitivity
+        )
         meta.setdefault("metrics", {})["validation"] = fitted.pop("validation")
         meta.update(fitted)
     else:

@@ -1,0 +1,132 @@
+"""Several trained weights folders as one: ``python -m tumor_xai.ensemble --data DATA --out DIR A B [...]``.
+
+The members' networks become one ResNet that runs them side by side and averages their logits
+(:func:`tumor_xai.model.combine_models`), so the app, the API, the heatmaps and the evaluation take the
+ensemble as they take one model. What depends on the outputs is fitted again on the members' shared
+validation carve-out, as training fits it: the temperature, the screening threshold and the
+out-of-distribution statistics. The members must share the architecture, the classes, the
+preprocessing and the carve-out (seed and fraction): a member that trained on the others' validation
+images would make that fit, and every validation figure, flatter than the truth.
+
+The result is a weights folder like any other (``model.json`` says ``members`` and lists each member's
+checksum and training configuration); gate it with ``benchmarks/compare_validation.py`` before it
+replaces ``weights/``. It costs one forward pass per member.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+
+from tumor_xai import inference, ood
+from tumor_xai.calibration import fit_decision
+from tumor_xai.checkpoint import NEGATIVE_CLASS, LoadedWeights, load_weights, save_weights
+from tumor_xai.data import carve_out_seed, split_train_val
+from tumor_xai.model import combine_models
+
+logger = logging.getLogger(__name__)
+
+COMBINE = "mean of the members' logits (one network, grouped convolutions)"
+
+
+def check_members(members: list[LoadedWeights]) -> None:
+    """Raise ``ValueError`` (naming the folder and the difference) unless the members can be combined."""
+    if len(members) < 2:
+        raise ValueError("an ensemble needs at least two weights folders")
+    ref = members[0].metadata
+    for w in members:
+        meta = w.metadata
+        if meta.get("members", 1) != 1:
+            raise ValueError(f"{w.path} is an ensemble already: combine its members instead")
+        for key in ("arch", "class_names", "in_chans", "preprocessing"):
+            if meta.get(key) != ref.get(key):
+                raise ValueError(f"{w.path} has another {key} than {members[0].path}: {meta.get(key)!r}")
+        mine, theirs = meta.get("training") or {}, ref.get("training") or {}
+        if (carve_out_seed(mine), mine.get("val_fraction")) != (carve_out_seed(theirs), theirs.get("val_fraction")):
+            raise ValueError(
+                f"{w.path} kept out another validation carve-out (seed {carve_out_seed(mine)}, fraction "
+                f"{mine.get('val_fraction')}) than {members[0].path} (seed {carve_out_seed(theirs)}, fraction "
+                f"{theirs.get('val_fraction')}): each would have trained on the other's validation images"
+            )
+
+
+def build_ensemble(
+    members: list[LoadedWeights], images, labels, thumbs, batch_size: int = 64, screening_sensitivity: float = 0.995
+) -> tuple[torch.nn.Module, dict, dict[str, torch.Tensor]]:
+    """(combined model, its metadata, its OOD tensors) from the members and the decoded Training split
+    (uint8 squares ``(N, S, S)``, labels, thumbnails as :func:`tumor_xai.data.split_train_val` takes them)."""
+    check_members(members)
+    ref = members[0]
+    training = dict(ref.metadata.get("training") or {})
+    train_idx, val_idx = split_train_val(labels, thumbs, training.get("val_fraction", 0.1), carve_out_seed(training))
+    if len(val_idx) == 0:
+        raise ValueError("the members kept out no validation carve-out: nothing to calibrate the ensemble on")
+    model = combine_models([w.model.float().eval() for w in members]).eval()
+    names = list(ref.metadata["class_names"])
+    negative = names.index(NEGATIVE_CLASS) if NEGATIVE_CLASS in names else None
+    logits = inference.forward(model, images[val_idx], ref.preprocess, batch_size, channels_last=True).logits
+    fitted = fit_decision(logits, torch.as_tensor(labels[val_idx]).long(), negative, screening_sensitivity)
+    extras, ood_meta = ood.fit_model(model, images, labels, train_idx, val_idx, ref.preprocess, batch_size)
+    meta = {
+        key: ref.metadata[key]
+        for key in ("arch", "class_names", "in_chans", "preprocessing", "data_fingerprint")
+        if key in ref.metadata
+    }
+    meta.update(
+        members=len(members),
+        ensemble={
+            "combine": COMBINE,
+            "members": [
+                {
+                    "folder": str(w.path),
+                    "weights_sha256": w.metadata.get("weights_sha256"),
+                    "training": w.metadata.get("training"),
+                    "validation": (w.metadata.get("metrics") or {}).get("validation"),
+                }
+                for w in members
+            ],
+        },
+        training=training,  # the carve-out every member kept out (what --init and the gate check)
+        calibration=fitted["calibration"],
+        ood=ood_meta,
+        metrics={"validation": fitted["validation"]},
+    )
+    if "screening" in fitted:
+        meta["screening"] = fitted["screening"]
+    return model, meta, extras
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tumor_xai.ensemble", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="the Kaggle-layout dataset the members trained on (Training/)")
+    p.add_argument("--out", required=True, type=Path, help="the new weights folder")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--half", action="store_true", help="store float16 tensors (half the file size)")
+    p.add_argument("members", nargs="+", type=Path, help="weights folders, two or more")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from tumor_xai.train import TrainConfig, load_training_data
+
+    try:
+        members = [load_weights(m) for m in args.members]
+        check_members(members)
+    except (ValueError, OSError) as exc:
+        p.error(str(exc))
+    cfg = TrainConfig(data=args.data, image_size=members[0].preprocess.input_size)
+    data = load_training_data(cfg)
+    if data.fingerprint != members[0].metadata.get("data_fingerprint", data.fingerprint):
+        p.error(f"{args.data} is not the data the members trained on (its fingerprint differs)")
+    model, meta, extras = build_ensemble(
+        members, data.decoded.images, data.decoded.labels, data.decoded.thumbs, args.batch_size
+    )
+    save_weights(model, args.out, meta, extras=extras, half=args.half)
+    acc, t = meta["metrics"]["validation"]["accuracy"], meta["calibration"]["temperature"]
+    print(f"wrote {args.out}: {len(members)} members, validation accuracy {100 * acc:.2f} %, temperature {t:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
