@@ -79,3 +79,17 @@ def test_other_collections_are_tabled_with_their_bars_and_absent_when_not_measur
     assert "| br35h-tumour-dev: tumour sensitivity (screening flag) | >= 95 % | 90.0 % | **no** |" in text
     assert "| br35h-tumour-dev: default heatmap: pointing game | >= 60 % | 70.0 % | yes |" in text
     assert "| tcia-slices: class accuracy (glioma) | >= 70 % | - | - |" in text  # a set not measured is no verdict
+
+
+def test_an_ensemble_is_described_member_by_member():
+    meta = _meta()
+    meta["ensemble"] = {
+        "members": [
+            {"training": {"epochs": 60, "aug": "basic"}, "training_cost": {"hours": 1.5, "hardware": "2 CPU cores"}},
+            {"training": {"time_budget": 240.0, "low_res_size": 128, "device": "cuda", "lesion_paste": 0.5}},
+        ]
+    }
+    line = card._training_line(meta)
+    assert line.startswith("an ensemble of 2 resnet18 networks at 224 px run as one (logits averaged")
+    assert "(1) 60 epochs with `--aug basic`; about 1.5 h in all on 2 CPU cores" in line
+    assert "(2) 4 min of training, 128-160 px then 224 px on one GPU with" in line and "`--lesion-paste 0.5`" in line

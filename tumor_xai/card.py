@@ -85,22 +85,43 @@ def _aug_overrides(training: dict) -> dict[str, float]:
     return {k: v for k, v in (training.get("augment") or {}).items() if k in preset and preset[k] != v}
 
 
-def _training_line(meta: dict) -> str:
-    t = meta.get("training") or {}
-    cost = (meta.get("metrics") or {}).get("training_cost") or {}
-    parts = [f"{meta['arch']} at {meta['preprocessing']['input_size']} px, trained from scratch on this dataset"]
+def _recipe(t: dict, cost: dict | None = None) -> str:
+    """One run's recipe in words: its length, augmentation, guidance and cost."""
     recipe = [
         f"`--aug {t.get('aug', 'basic')}`" + "".join(f" `--aug-set {k}={v:g}`" for k, v in _aug_overrides(t).items())
     ]
     if t.get("cam_loss_weight"):
         recipe.append(f"CAM-in-mask loss (weight {t['cam_loss_weight']:g})")
-    if t.get("init"):
-        parts.append(f"fine-tuned for {t.get('epochs')} epochs from an earlier checkpoint with " + ", ".join(recipe))
+    if t.get("lesion_paste"):
+        recipe.append(f"lesion paste (`--lesion-paste {t['lesion_paste']:g}`)")
+    if t.get("time_budget"):
+        size = f", 128-160 px then {t.get('image_size', 224)} px" if t.get("low_res_size") else ""
+        device = {"cuda": "one GPU", "cpu": "CPU"}.get(t.get("device"), t.get("device", "?"))
+        length = f"{t['time_budget'] / 60:.0f} min of training{size} on {device}"
+    elif t.get("init"):
+        length = f"fine-tuned for {t.get('epochs')} epochs from an earlier checkpoint"
     else:
-        parts.append(f"{t.get('epochs')} epochs with " + ", ".join(recipe))
-    if cost.get("hours"):
-        parts.append(f"about {cost['hours']:.1f} h in all on {cost.get('hardware', t.get('device', '?'))}")
-    return "; ".join(parts) + "."
+        length = f"{t.get('epochs')} epochs"
+    text = f"{length} with " + ", ".join(recipe)
+    if cost and cost.get("hours"):
+        text += f"; about {cost['hours']:.1f} h in all on {cost.get('hardware', t.get('device', '?'))}"
+    return text
+
+
+def _training_line(meta: dict) -> str:
+    size = meta["preprocessing"]["input_size"]
+    members = (meta.get("ensemble") or {}).get("members")
+    if members:
+        runs = "; ".join(
+            f"({i}) {_recipe(m.get('training') or {}, m.get('training_cost'))}" for i, m in enumerate(members, 1)
+        )
+        return (
+            f"an ensemble of {len(members)} {meta['arch']} networks at {size} px run as one (logits averaged, "
+            f"`python -m tumor_xai.ensemble`), each trained from scratch on this dataset: {runs}."
+        )
+    t = meta.get("training") or {}
+    cost = (meta.get("metrics") or {}).get("training_cost")
+    return f"{meta['arch']} at {size} px, trained from scratch on this dataset; {_recipe(t, cost)}."
 
 
 def readme_results(meta: dict) -> str:

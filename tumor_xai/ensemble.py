@@ -85,6 +85,7 @@ def build_ensemble(
                     "weights_sha256": w.metadata.get("weights_sha256"),
                     "training": w.metadata.get("training"),
                     "validation": (w.metadata.get("metrics") or {}).get("validation"),
+                    "training_cost": (w.metadata.get("metrics") or {}).get("training_cost"),
                 }
                 for w in members
             ],
