@@ -62,7 +62,7 @@ def main() -> None:
     ctx = RunContext(cfg, pre, device, bf16=args.amp == "bf16")
     data = load_split(args, device)
     model = build_model(args.arch, 4).to(device).to(memory_format=torch.channels_last)
-    optimizer, scheduler = build_optimizer(ctx, model, len(data))
+    optimizer, scheduler, _ = build_optimizer(ctx, model, len(data))
     net = wrap_for_training(ctx, model)
     warm = Split(data.images[: 3 * args.batch_size], data.labels[: 3 * args.batch_size])
     train_one_epoch(ctx, net, optimizer, scheduler, warm, 0)  # warm-up (cudnn autotune, allocator)
