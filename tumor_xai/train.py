@@ -58,6 +58,7 @@ __all__ = ["TrainConfig", "TrainingData", "get_args_parser", "load_training_data
 
 logger = logging.getLogger(__name__)
 
+PASTE_DONORS = ("uniform", "balanced")
 LAST_EVERY_S = 30.0  # last/ (the --resume state) is written at most this often, and after the final epoch
 
 
@@ -86,6 +87,7 @@ class TrainConfig:
     intensity: str = "percentile"
     skip_unreadable: bool = False
     screening_sensitivity: float = 0.995
+    screening_specificity: float = 0.98  # the flag may spend this much of validation no-tumour specificity (0: off)
     half: bool = False  # store the final weights as float16
     resume: bool = False
     augment: dict = field(default_factory=lambda: AugmentConfig().to_dict())  # the strengths in effect
@@ -99,6 +101,8 @@ class TrainConfig:
     erase_target: str = "uniform"  # "uniform" (not confident) or "notumor"
     ema: float = 0.0  # per-step decay of a moving average of the weights (0: off); validation and best/ use it
     lesion_paste: float = 0.0  # probability per no-tumour image of pasting a masked lesion into it
+    paste_twins: bool = False  # a pasted slice joins the batch beside its unpasted original instead of replacing it
+    paste_donors: str = "uniform"  # "uniform" over the masked slices, or "balanced" over their classes
     time_budget: float = 0.0  # seconds of training (and its validation); 0: --epochs decides the length
     low_res_size: int = 0  # progressive resizing: train at this size (growing to 1.25x) before the full size
     full_res_fraction: float = 0.25  # with low_res_size: the last share of the run at the full size
@@ -123,6 +127,8 @@ def check_config(cfg: TrainConfig) -> None:
             raise ValueError(f"{flag} must be >= 0, got {value}")
     if not cfg.cam_warmup_epochs >= 0:
         raise ValueError(f"--cam-warmup-epochs must be >= 0, got {cfg.cam_warmup_epochs}")
+    if not 0.0 <= cfg.screening_specificity <= 1.0:
+        raise ValueError(f"--screening-specificity is a share in [0, 1] (0: off), got {cfg.screening_specificity}")
     if not 0.0 <= cfg.ema < 1.0:
         raise ValueError(
             f"--ema is a decay per step in [0, 1) (0: off; 0.999 averages about 1000 steps), got {cfg.ema}"
@@ -141,6 +147,10 @@ def check_config(cfg: TrainConfig) -> None:
             raise ValueError(f"--full-res-fraction must be in (0, 1], got {cfg.full_res_fraction}")
     if cfg.cam_loss not in attention.CAM_LOSSES:
         raise ValueError(f"--cam-loss must be one of {attention.CAM_LOSSES}, got {cfg.cam_loss!r}")
+    if cfg.paste_donors not in PASTE_DONORS:
+        raise ValueError(f"--paste-donors must be one of {PASTE_DONORS}, got {cfg.paste_donors!r}")
+    if (cfg.paste_twins or cfg.paste_donors != "uniform") and not cfg.lesion_paste > 0:
+        raise ValueError("--paste-twins and --paste-donors shape --lesion-paste; add --lesion-paste P")
     if cfg.erase_target not in ("uniform", "notumor"):
         raise ValueError(f"--erase-target must be uniform or notumor, got {cfg.erase_target!r}")
     needs_masks = cfg.cam_loss_weight > 0 or cfg.lesion_erase > 0 or cfg.lesion_paste > 0
@@ -547,18 +557,31 @@ class Batch:
     head: torch.Tensor | None = None  # (N, 1, S, S) in [0, 1]
 
 
+def draw_donors(ctx: RunContext, data: Split, n: int, gen: torch.Generator) -> torch.Tensor:
+    """``n`` donor indices: uniform over the masked tumour slices, or (``--paste-donors balanced``) each
+    tumour class equally likely, so the few masked gliomas are pasted as often as the many pituitaries."""
+    dev = data.donors.device
+    if ctx.cfg.paste_donors == "balanced":
+        classes = data.labels[data.donors]
+        weight = 1.0 / torch.bincount(classes).float().clamp_min(1.0)[classes]
+        return data.donors[torch.multinomial(weight, n, replacement=True, generator=gen)]
+    return data.donors[torch.randint(len(data.donors), (n,), generator=gen, device=dev)]
+
+
 def paste_into_batch(
     ctx: RunContext, data: Split, batch: Batch, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``--lesion-paste P``: a random masked tumour slice's lesion pasted into each no-tumour image with
     probability P (:func:`~tumor_xai.augment.paste_lesions`); the image takes the donor's class and mask.
+    With ``--paste-twins`` the pasted slice is added to the batch and its original stays, so the batch
+    holds the same slice with and without the lesion and keeps every no-tumour slice it drew.
 
     Returns the batch's images and tumour masks as floats in [0, 1]; updates ``batch``'s labels and ``has_mask``.
     """
     images, masks = batch.x.float().div(255.0), batch.lesion.float().div(255.0)
     n, dev = len(batch.y), images.device
     hosts = (batch.y == ctx.negative) & (torch.rand(n, generator=gen, device=dev) < ctx.cfg.lesion_paste)
-    donors = data.donors[torch.randint(len(data.donors), (n,), generator=gen, device=dev)]
+    donors = draw_donors(ctx, data, n, gen)
     if not hosts.any():
         return images, masks
     h = hosts.nonzero().squeeze(1)
@@ -567,11 +590,15 @@ def paste_into_batch(
         images[h], data.images[d].float().div(255.0), data.masks[d].float().div(255.0), gen
     )
     h, d = h[ok], d[ok]
-    images[h], masks[h] = pasted_x[ok], pasted_m[ok]
-    batch.y = batch.y.clone()
-    batch.y[h] = data.labels[d]
-    batch.has_mask = batch.has_mask.clone()
-    batch.has_mask[h] = True
+    labels, has_mask = batch.y.clone(), batch.has_mask.clone()
+    if ctx.cfg.paste_twins:
+        images, masks = torch.cat([images, pasted_x[ok]]), torch.cat([masks, pasted_m[ok]])
+        labels = torch.cat([labels, data.labels[d]])
+        has_mask = torch.cat([has_mask, torch.ones_like(h, dtype=torch.bool)])
+    else:
+        images[h], masks[h] = pasted_x[ok], pasted_m[ok]
+        labels[h], has_mask[h] = data.labels[d], True
+    batch.y, batch.has_mask = labels, has_mask
     return images, masks
 
 
@@ -596,7 +623,7 @@ def make_batch(
                 images, lesions = paste_into_batch(ctx, data, batch, gen)
             channels.append(lesions)
             if cfg.lesion_erase > 0:
-                draw = torch.rand(len(idx), generator=gen, device=images.device)
+                draw = torch.rand(len(batch.y), generator=gen, device=images.device)
                 batch.erased = batch.has_mask & (draw < cfg.lesion_erase)
         if use_head:
             channels.append(head_region(images.float().div(255.0) if images.dtype == torch.uint8 else images))
@@ -959,7 +986,11 @@ def finalize(ctx: RunContext, run: RunData) -> dict:
     if len(run.val_idx):
         val = forward(run.val_idx)
         fitted = fit_decision(
-            val.logits, run.all.labels[run.val_idx].cpu(), ctx.negative, ctx.cfg.screening_sensitivity
+            val.logits,
+            run.all.labels[run.val_idx].cpu(),
+            ctx.negative,
+            ctx.cfg.screening_sensitivity,
+            ctx.cfg.screening_specificity or None,
         )
         meta.setdefault("metrics", {})["validation"] = fitted.pop("validation")
         meta.update(fitted)
@@ -1092,6 +1123,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="leave unreadable images out (listed in the log) instead of stopping",
     )
     p.add_argument("--screening-sensitivity", type=float, default=d.screening_sensitivity)
+    p.add_argument(
+        "--screening-specificity",
+        type=float,
+        default=d.screening_specificity,
+        help="lower the screening threshold until this share of validation no-tumour slices is unflagged (0: off)",
+    )
     p.add_argument("--half", action="store_true", help="store the final weights as float16 (half the size)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
     p.add_argument(
@@ -1149,6 +1186,17 @@ def _add_guidance_arguments(g: argparse._ArgumentGroup, d: TrainConfig) -> None:
         type=float,
         default=d.lesion_paste,
         help="probability of pasting a masked lesion into a no-tumour image, which takes the lesion's class (0: off)",
+    )
+    g.add_argument(
+        "--paste-twins",
+        action="store_true",
+        help="add each pasted slice to the batch beside its unpasted original instead of replacing it",
+    )
+    g.add_argument(
+        "--paste-donors",
+        default=d.paste_donors,
+        choices=PASTE_DONORS,
+        help="which lesions are pasted: uniform over the masked slices, or balanced over their classes",
     )
 
 
