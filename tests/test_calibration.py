@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from tumor_xai.calibration import choose_threshold, fit_temperature, temperature_nll
+from tumor_xai.calibration import (
+    choose_threshold,
+    fit_decision,
+    fit_temperature,
+    temperature_nll,
+    threshold_at_specificity,
+)
 
 
 def _overconfident(n: int = 2000, k: int = 4, scale: float = 3.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,3 +103,32 @@ def test_threshold_rejects_bad_input():
         choose_threshold(np.array([0.1, 0.2]), np.array([1]))
     with pytest.raises(ValueError, match="sensitivity must be"):
         choose_threshold(np.array([0.1]), np.array([1]), sensitivity=0.0)
+
+
+def test_specificity_budget_flags_at_most_its_share_of_no_tumour_slices():
+    rng = np.random.default_rng(0)
+    prob = np.concatenate([rng.uniform(0.0, 0.2, 200), rng.uniform(0.9, 1.0, 100)])
+    is_tumor = np.r_[np.zeros(200, bool), np.ones(100, bool)]
+    t = threshold_at_specificity(prob, is_tumor, 0.98)
+    assert ((prob[:200] >= t).sum()) == 4  # floor(0.02 * 200): exactly the budget, not one more
+    assert np.sort(prob[:200])[-5] < t <= np.sort(prob[:200])[-4]
+    assert threshold_at_specificity(prob, is_tumor, 1.0) > prob[:200].max()
+    with pytest.raises(ValueError, match="no-tumour"):
+        threshold_at_specificity(prob[200:], is_tumor[200:], 0.98)
+
+
+def test_fit_decision_lowers_the_threshold_only_to_spend_the_specificity_budget():
+    # Class 1 is notumor. Tumours: 48 clear, 2 read as notumor (logit gap -1). No-tumour slices: 92 clear,
+    # 5 less sure (gap -2), 3 read as tumour. The ordering, not the fitted temperature, decides the test.
+    logits = torch.tensor(
+        [[4.0, 0.0]] * 48 + [[0.0, 1.0]] * 2 + [[0.0, 6.0]] * 92 + [[0.0, 2.0]] * 5 + [[1.0, 0.0]] * 3
+    )
+    labels = torch.tensor([0] * 50 + [1] * 100)
+    plain = fit_decision(logits, labels, 1, 0.95)["screening"]
+    assert plain["threshold"] == 0.5 and "target_specificity" not in plain  # 48 of 50 tumours: capped at 0.5
+    spent = fit_decision(logits, labels, 1, 0.95, 0.95)["screening"]
+    # 5 false positives allowed: the 3 read as tumour and none of the 5 tied ones, so the 2 misread tumours count.
+    assert spent["threshold"] < 0.5 and "specificity" in spent["rule"]
+    assert spent["validation_specificity"] == 0.97 and spent["validation_sensitivity"] == 1.0
+    # A budget the ceiling already keeps leaves the threshold at the ceiling.
+    assert fit_decision(logits, labels, 1, 0.95, 1.0)["screening"]["threshold"] == 0.5

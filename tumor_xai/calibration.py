@@ -15,7 +15,15 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import minimize_scalar
 
-__all__ = ["MAX_TEMPERATURE", "MIN_TEMPERATURE", "choose_threshold", "fit_temperature", "temperature_nll"]
+__all__ = [
+    "MAX_TEMPERATURE",
+    "MIN_TEMPERATURE",
+    "choose_threshold",
+    "fit_decision",
+    "fit_temperature",
+    "temperature_nll",
+    "threshold_at_specificity",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -108,10 +116,44 @@ def choose_threshold(
     return threshold
 
 
-def fit_decision(logits: torch.Tensor, labels: torch.Tensor, negative: int | None, sensitivity: float) -> dict:
+def threshold_at_specificity(tumor_prob: np.ndarray, is_tumor: np.ndarray, specificity: float) -> float:
+    """The lowest threshold on ``P(tumour)`` that flags at most ``1 - specificity`` of this set's no-tumour
+    slices (``floor((1 - specificity) * n)`` of them; ties at the boundary are left unflagged).
+
+    Validation tumours come from the training collections and are found at any threshold, so the
+    sensitivity rule alone says nothing about tumours that look like the no-tumour collection. A
+    screening flag should spend its false-positive budget on them: this is the threshold that spends
+    exactly that budget on the validation no-tumour slices.
+    """
+    prob = np.asarray(tumor_prob, dtype=np.float64).ravel()
+    negative = ~np.asarray(is_tumor).astype(bool).ravel()
+    if prob.shape != negative.shape:
+        raise ValueError(f"tumor_prob and is_tumor differ in length ({prob.size} vs {negative.size})")
+    if not 0.0 < specificity <= 1.0:
+        raise ValueError(f"specificity must be in (0, 1], got {specificity}")
+    scores = np.sort(prob[negative])[::-1]
+    if scores.size == 0:
+        raise ValueError("cannot choose a threshold at a specificity without any no-tumour slices")
+    allowed = math.floor((1.0 - specificity) * scores.size + 1e-9)
+    if allowed >= scores.size:
+        return 0.0
+    # The next float32 above the last unflagged slice's probability: the app compares float32 probabilities.
+    return float(min(1.0, np.nextafter(np.float32(scores[allowed]), np.float32(np.inf))))
+
+
+def fit_decision(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    negative: int | None,
+    sensitivity: float,
+    specificity: float | None = None,
+) -> dict:
     """The weights' decision metadata fitted on validation logits: ``calibration`` (the temperature),
-    ``screening`` (the highest threshold on ``1 - P(negative)`` that keeps ``sensitivity`` on the tumours;
-    only with a negative class) and ``validation`` (accuracy and size)."""
+    ``screening`` (only with a negative class) and ``validation`` (accuracy and size).
+
+    The screening threshold on ``1 - P(negative)`` is the highest that keeps ``sensitivity`` on the tumours
+    (:func:`choose_threshold`); with ``specificity``, it is lowered to the lowest that still keeps that
+    specificity on the no-tumour slices (:func:`threshold_at_specificity`), if that is lower."""
     from tumor_xai.checkpoint import NEGATIVE_CLASS
 
     temperature = fit_temperature(logits, labels)
@@ -120,13 +162,87 @@ def fit_decision(logits: torch.Tensor, labels: torch.Tensor, negative: int | Non
         "calibration": {"temperature": float(temperature), "fitted_on": "validation carve-out", "n": len(labels)}
     }
     if negative is not None:
-        threshold = choose_threshold(1.0 - probs[:, negative], labels.numpy() != negative, sensitivity)
+        tumor_prob, is_tumor = 1.0 - probs[:, negative], labels.numpy() != negative
+        threshold = choose_threshold(tumor_prob, is_tumor, sensitivity)
+        rule = f"the highest threshold (at most 0.5) keeping {sensitivity:g} tumour sensitivity"
+        if specificity is not None and (~is_tumor).any():
+            spent = threshold_at_specificity(tumor_prob, is_tumor, specificity)
+            if spent < threshold:
+                threshold = spent
+                rule = (
+                    f"the lowest threshold keeping {specificity:g} no-tumour specificity (it keeps the sensitivity too)"
+                )
         meta["screening"] = {
             "threshold": float(threshold),
             "negative_class": NEGATIVE_CLASS,
             "target_sensitivity": sensitivity,
             "chosen_on": "validation carve-out",
+            "rule": rule,
             "definition": "tumour probability = 1 - P(notumor); positive when >= threshold",
         }
+        if specificity is not None:
+            meta["screening"]["target_specificity"] = specificity
+            flagged = tumor_prob >= threshold
+            meta["screening"]["validation_specificity"] = float((~flagged[~is_tumor]).mean())
+            meta["screening"]["validation_sensitivity"] = float(flagged[is_tumor].mean())
     meta["validation"] = {"accuracy": float((logits.argmax(1) == labels).float().mean()), "n": len(labels)}
     return meta
+
+
+def refit(
+    weights_dir, data, sensitivity: float = 0.995, specificity: float | None = 0.98, batch_size: int = 64
+) -> dict:
+    """Fit the temperature and the screening threshold of a weights folder again on its validation
+    carve-out (decoded from ``data``'s Training split) and store them in its ``model.json``."""
+    from tumor_xai import inference
+    from tumor_xai.checkpoint import load_weights, update_metadata
+    from tumor_xai.ood import carve_out
+
+    weights = load_weights(weights_dir)
+    c = carve_out(weights, data)
+    if len(c.val_idx) == 0:
+        raise ValueError("the validation carve-out is empty: nothing to calibrate on")
+    logits = inference.forward(weights.model, c.images[c.val_idx], weights.preprocess, batch_size).logits
+    fitted = fit_decision(logits, c.labels[c.val_idx], weights.decision.negative_index, sensitivity, specificity)
+    metrics = dict(weights.metadata.get("metrics") or {}, validation=fitted.pop("validation"))
+    update_metadata(weights.path, metrics=metrics, **fitted)
+    return fitted
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(
+        prog="python -m tumor_xai.calibration",
+        description="Refit the temperature and the screening threshold of a weights folder on its validation carve-out.",
+    )
+    p.add_argument("--data", required=True, help="the Kaggle-layout dataset the weights trained on (Training/)")
+    p.add_argument("--weights", required=True, help="weights folder to update in place")
+    p.add_argument("--screening-sensitivity", type=float, default=0.995)
+    p.add_argument(
+        "--screening-specificity",
+        type=float,
+        default=0.98,
+        help="lower the threshold until this share of validation no-tumour slices is left unflagged (0: off)",
+    )
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from tumor_xai.checkpoint import WeightsError
+    from tumor_xai.data import DataError
+
+    try:
+        fitted = refit(args.weights, args.data, args.screening_sensitivity, args.screening_specificity or None)
+    except (WeightsError, DataError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    scr = fitted.get("screening") or {}
+    print(
+        f"{args.weights}: temperature {fitted['calibration']['temperature']:.4f}, screening threshold "
+        f"{scr.get('threshold', float('nan')):.4f} ({scr.get('rule', 'no no-tumour class')})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

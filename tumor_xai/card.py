@@ -181,7 +181,17 @@ def _headline(meta: dict) -> list[str]:
             f"**Calibration.** Temperature scaling on the validation carve-out ({cal.get('n', '-')} images): "
             f"T = {cal['temperature']:.3f}."
         )
-    if scr:
+    if scr and scr.get("target_specificity") is not None:
+        lines.append(
+            f"**Screening threshold.** `P(tumour) >= {scr['threshold']:.3f}`, chosen on the validation carve-out: "
+            f"the lowest threshold that still leaves {_pct(scr['target_specificity'], 1)} of its no-tumour slices "
+            f"unflagged (there it flags {_pct(scr.get('validation_sensitivity'))} of the tumours and leaves "
+            f"{_pct(scr.get('validation_specificity'))} of the no-tumour slices unflagged), never above 0.5 nor above "
+            f"the threshold for {_pct(scr.get('target_sensitivity'), 1)} tumour sensitivity. Validation tumours come "
+            "from the training collections and are flagged at any threshold, so the flag spends its false-positive "
+            "budget on tumours that look like the no-tumour collection."
+        )
+    elif scr:
         lines.append(
             f"**Screening threshold.** `P(tumour) >= {scr['threshold']:.3f}`, chosen on the validation carve-out "
             f"for {_pct(scr.get('target_sensitivity'), 1)} tumour sensitivity (never above 0.5, so the flag covers "

@@ -54,7 +54,13 @@ def check_members(members: list[LoadedWeights]) -> None:
 
 
 def build_ensemble(
-    members: list[LoadedWeights], images, labels, thumbs, batch_size: int = 64, screening_sensitivity: float = 0.995
+    members: list[LoadedWeights],
+    images,
+    labels,
+    thumbs,
+    batch_size: int = 64,
+    screening_sensitivity: float = 0.995,
+    screening_specificity: float | None = 0.98,
 ) -> tuple[torch.nn.Module, dict, dict[str, torch.Tensor]]:
     """(combined model, its metadata, its OOD tensors) from the members and the decoded Training split
     (uint8 squares ``(N, S, S)``, labels, thumbnails as :func:`tumor_xai.data.split_train_val` takes them)."""
@@ -68,7 +74,9 @@ def build_ensemble(
     names = list(ref.metadata["class_names"])
     negative = names.index(NEGATIVE_CLASS) if NEGATIVE_CLASS in names else None
     logits = inference.forward(model, images[val_idx], ref.preprocess, batch_size, channels_last=True).logits
-    fitted = fit_decision(logits, torch.as_tensor(labels[val_idx]).long(), negative, screening_sensitivity)
+    fitted = fit_decision(
+        logits, torch.as_tensor(labels[val_idx]).long(), negative, screening_sensitivity, screening_specificity
+    )
     extras, ood_meta = ood.fit_model(model, images, labels, train_idx, val_idx, ref.preprocess, batch_size)
     meta = {
         key: ref.metadata[key]
