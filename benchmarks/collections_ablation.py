@@ -50,6 +50,7 @@ PARTS: dict[str, list[str]] = {
     "paste": ["--lesion-paste", "0.5"],
     "paste30": ["--lesion-paste", "0.3"],
     "paste70": ["--lesion-paste", "0.7"],
+    "twins": ["--paste-twins", "--paste-donors", "balanced"],  # with a paste part: keep the originals beside
     "collections": ["--aug", "collections"],  # the shipped acquisition part + histogram match, inversion, curves, JPEG
     "strong": ["--aug", "strong"],
     "head": ["--head-loss-weight", "0.5"],
