@@ -23,13 +23,18 @@ def _meta(**metrics) -> dict:
 
 def test_bars_are_met_missed_or_unknown():
     meta = _meta(
-        official={"accuracy": 0.997, "tumor_sensitivity_argmax": 0.99, "ece": 0.01, "recall": {"a": 0.995, "b": 0.98}},
+        official={
+            "accuracy": 0.997,
+            "tumor_sensitivity_argmax": 0.99,
+            "ece": 0.01,
+            "recall": {"a": 0.995, "notumor": 0.98},
+        },
         stress={"noise_0.05": 0.975, "downup_4x": 0.96},
     )
     rows = {label: (value, met) for label, _, value, met in card.bar_rows(meta)}
     assert rows["accuracy (official Testing)"] == ("99.70 %", True)
     assert rows["tumour sensitivity at the argmax"][1] is False
-    assert rows["lowest class recall"] == ("98.00 %", False)
+    assert rows["no-tumour recall"] == ("98.00 %", False)
     assert rows["expected calibration error"][1] is True  # a bar the figure must stay under
     assert rows["lowest stress-test accuracy"] == ("96.00 %", False)
     assert rows["accuracy (duplicate-free subset)"] == ("-", None)  # not measured is not "met"
