@@ -32,6 +32,7 @@ BARS = [
     ("accuracy (duplicate-free subset)", ("deduplicated", "accuracy"), 0.988, True),
     ("tumour sensitivity at the argmax", ("official", "tumor_sensitivity_argmax"), 0.998, True),
     ("no-tumour recall", ("official", "notumor_recall"), 0.99, True),
+    ("lowest class recall", ("official", "min_recall"), 0.99, True),
     ("expected calibration error", ("official", "ece"), 0.015, False),
     ("lowest stress-test accuracy", ("stress", "min"), 0.97, True),
     ("default heatmap: pointing game", ("heatmap", "pointing"), 0.70, True),
@@ -53,6 +54,7 @@ def _figures(meta: dict) -> dict:
     official = dict(m.get("official") or {})
     recall = official.get("recall") or {}
     official["notumor_recall"] = recall.get("notumor")
+    official["min_recall"] = min(recall.values()) if recall else None
     stress = m.get("stress") or {}
     heat = next(
         (r for r in (m.get("localization") or {}).get("results", []) if (r["method"], r["layer"]) == DEFAULT_HEATMAP),
