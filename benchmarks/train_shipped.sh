@@ -51,8 +51,14 @@ run "$OUT" "${common[@]}" --init "$BASE" --cam-warmup-epochs 0 --epochs 40 --tim
 
 # How the run compares on validation (and on the other collections) with the weights it replaces.
 [ -f .data/tcia-slices/index.csv ] || "$PYTHON" benchmarks/export_volume_slices.py ../shared/data/tcia-volumes-dev .data/tcia-slices
-"$PYTHON" benchmarks/compare_validation.py --data "$DATA" --masks "$MASKS" "${EXTERNAL[@]}" weights "$OUT" || true
-cp "$OUT/model.safetensors" "$OUT/model.json" weights/
+# Only a candidate that passes the gate replaces weights/ (FORCE=1 copies it anyway).
+if "$PYTHON" benchmarks/compare_validation.py --data "$DATA" --masks "$MASKS" "${EXTERNAL[@]}" weights "$OUT" ||
+  [ -n "${FORCE:-}" ]; then
+  cp "$OUT/model.safetensors" "$OUT/model.json" weights/
+else
+  echo "$OUT does not pass the validation gate: weights/ unchanged (FORCE=1 to copy it anyway)" >&2
+  exit 1
+fi
 "$PYTHON" -m tumor_xai.evaluate --data "$DATA" --out reports/eval --record --localization --masks "$MASKS" \
   --methods gradcam,gradcam++,layercam --layers layer4,layer3 "${EXTERNAL[@]}"
 "$PYTHON" -m tumor_xai.card
