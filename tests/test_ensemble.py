@@ -10,7 +10,7 @@ from conftest import make_weights
 
 from tumor_xai import ensemble, inference
 from tumor_xai.checkpoint import load_weights
-from tumor_xai.model import build_model, combine_models
+from tumor_xai.model import average_models, build_model, combine_models
 from tumor_xai.predictor import Predictor
 
 CARVE_OUT = {"seed": 0, "val_fraction": 0.25}
@@ -68,6 +68,40 @@ def test_the_cli_writes_weights_that_load_predict_and_say_what_they_are(tiny_dat
         and pred.heatmap is not None
         and sum(pred.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
     )
+
+
+def test_averaged_weights_are_the_mix_of_the_members_parameters_and_statistics():
+    a, b = _members(2)
+    soup = average_models([a, b], [0.75, 0.25])
+    for key, value in soup.state_dict().items():
+        if value.is_floating_point():  # weights, biases, BatchNorm running means and variances
+            torch.testing.assert_close(value, 0.75 * a.state_dict()[key] + 0.25 * b.state_dict()[key])
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():  # an all-or-nothing mix is that member, and the members are left as they were
+        torch.testing.assert_close(average_models([a, b], [0.0, 1.0]).eval()(x), b(x))
+    with pytest.raises(ValueError, match="summing to 1"):
+        average_models([a, b], [0.5, 0.6])
+    with pytest.raises(ValueError, match="different architectures"):
+        average_models([a, build_model("resnet18")])
+
+
+def test_the_cli_averages_weights_into_one_network_and_records_the_mix(tiny_dataset, tmp_path):
+    a = make_weights(tmp_path / "a", seed=0, training=CARVE_OUT)
+    b = make_weights(tmp_path / "b", seed=1, training={**CARVE_OUT, "init": str(a)})
+    out = tmp_path / "soup"
+    argv = ["--data", str(tiny_dataset), "--out", str(out), "--combine", "weights", "--mix", "0.7,0.3", str(a), str(b)]
+    assert ensemble.main(argv) == 0
+    meta = json.loads((out / "model.json").read_text())
+    assert (
+        meta["members"] == 1 and meta["ensemble"]["mix"] == [0.7, 0.3] and "parameters" in meta["ensemble"]["combine"]
+    )
+    assert "threshold" in meta["screening"] and "threshold" in meta["ood"] and meta["training"] == CARVE_OUT
+    expected = average_models([load_weights(p).model.float() for p in (a, b)], [0.7, 0.3]).eval()
+    x = inference.to_input(torch.randint(0, 255, (1, 64, 64), dtype=torch.uint8), load_weights(out).preprocess)
+    with torch.no_grad():
+        torch.testing.assert_close(load_weights(out).model.float()(x), expected(x), atol=1e-4, rtol=0)
+    with pytest.raises(SystemExit):  # a mix is for averaged weights only
+        ensemble.main(["--data", str(tiny_dataset), "--out", str(out), "--mix", "0.5,0.5", str(a), str(b)])
 
 
 @pytest.mark.parametrize(

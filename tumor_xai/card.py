@@ -112,11 +112,19 @@ def _recipe(t: dict, cost: dict | None = None) -> str:
 
 def _training_line(meta: dict) -> str:
     size = meta["preprocessing"]["input_size"]
-    members = (meta.get("ensemble") or {}).get("members")
+    ensemble = meta.get("ensemble") or {}
+    members = ensemble.get("members")
     if members:
         runs = "; ".join(
             f"({i}) {_recipe(m.get('training') or {}, m.get('training_cost'))}" for i, m in enumerate(members, 1)
         )
+        if "mix" in ensemble:
+            shares = " / ".join(f"{100 * w:.0f} %" for w in ensemble["mix"])
+            return (
+                f"one {meta['arch']} at {size} px whose weights are the mean of {len(members)} networks' "
+                f"({shares}; `python -m tumor_xai.ensemble --combine weights`), trained from scratch on this "
+                f"dataset: {runs}."
+            )
         return (
             f"an ensemble of {len(members)} {meta['arch']} networks at {size} px run as one (logits averaged, "
             f"`python -m tumor_xai.ensemble`), each trained from scratch on this dataset: {runs}."

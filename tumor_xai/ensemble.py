@@ -8,6 +8,12 @@ out-of-distribution statistics. The members must share the architecture, the cla
 preprocessing and the carve-out (seed and fraction): a member that trained on the others' validation
 images would make that fit, and every validation figure, flatter than the truth.
 
+``--combine weights`` averages the members' parameters instead (:func:`tumor_xai.model.average_models`,
+a weight-space ensemble; ``--mix`` gives each member's share, e.g. ``--mix 0.6,0.4``): one network at one
+network's cost, which means something only for members that share a starting point, such as a fine-tune
+and the weights it started from (WiSE-FT): the share of the fine-tune then trades what it learnt
+against what the starting weights knew.
+
 The result is a weights folder like any other (``model.json`` says ``members`` and lists each member's
 checksum and training configuration); gate it with ``benchmarks/compare_validation.py`` before it
 replaces ``weights/``. It costs one forward pass per member.
@@ -25,11 +31,14 @@ from tumor_xai import inference, ood
 from tumor_xai.calibration import fit_decision
 from tumor_xai.checkpoint import NEGATIVE_CLASS, LoadedWeights, load_weights, save_weights
 from tumor_xai.data import carve_out_seed, split_train_val
-from tumor_xai.model import combine_models
+from tumor_xai.model import average_models, combine_models
 
 logger = logging.getLogger(__name__)
 
-COMBINE = "mean of the members' logits (one network, grouped convolutions)"
+COMBINE = {
+    "logits": "mean of the members' logits (one network, grouped convolutions)",
+    "weights": "weighted mean of the members' parameters and BatchNorm statistics (one network)",
+}
 
 
 def check_members(members: list[LoadedWeights]) -> None:
@@ -61,16 +70,27 @@ def build_ensemble(
     batch_size: int = 64,
     screening_sensitivity: float = 0.995,
     screening_specificity: float | None = 0.98,
+    combine: str = "logits",
+    mix: list[float] | None = None,
 ) -> tuple[torch.nn.Module, dict, dict[str, torch.Tensor]]:
     """(combined model, its metadata, its OOD tensors) from the members and the decoded Training split
-    (uint8 squares ``(N, S, S)``, labels, thumbnails as :func:`tumor_xai.data.split_train_val` takes them)."""
+    (uint8 squares ``(N, S, S)``, labels, thumbnails as :func:`tumor_xai.data.split_train_val` takes them).
+    ``combine`` is ``"logits"`` (the members side by side) or ``"weights"`` (their parameters averaged,
+    each with its ``mix`` share)."""
     check_members(members)
+    if combine not in COMBINE:
+        raise ValueError(f"combine must be one of {sorted(COMBINE)}, got {combine!r}")
+    if mix is not None and combine != "weights":
+        raise ValueError("a mix applies to --combine weights only (the logits of an ensemble are averaged evenly)")
+    if combine == "weights" and not any((w.metadata.get("training") or {}).get("init") for w in members):
+        logger.warning("none of the members is a fine-tune (--init): averaging networks trained apart gives noise")
     ref = members[0]
     training = dict(ref.metadata.get("training") or {})
     train_idx, val_idx = split_train_val(labels, thumbs, training.get("val_fraction", 0.1), carve_out_seed(training))
     if len(val_idx) == 0:
         raise ValueError("the members kept out no validation carve-out: nothing to calibrate the ensemble on")
-    model = combine_models([w.model.float().eval() for w in members]).eval()
+    nets = [w.model.float().eval() for w in members]
+    model = (combine_models(nets) if combine == "logits" else average_models(nets, mix)).eval()
     names = list(ref.metadata["class_names"])
     negative = names.index(NEGATIVE_CLASS) if NEGATIVE_CLASS in names else None
     logits = inference.forward(model, images[val_idx], ref.preprocess, batch_size, channels_last=True).logits
@@ -83,10 +103,13 @@ def build_ensemble(
         for key in ("arch", "class_names", "in_chans", "preprocessing", "data_fingerprint")
         if key in ref.metadata
     }
+    described = {"combine": COMBINE[combine]}
+    if combine == "weights":
+        described["mix"] = mix or [1.0 / len(members)] * len(members)
     meta.update(
-        members=len(members),
+        members=len(members) if combine == "logits" else 1,
         ensemble={
-            "combine": COMBINE,
+            **described,
             "members": [
                 {
                     "folder": str(w.path),
@@ -114,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path, help="the new weights folder")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--half", action="store_true", help="store float16 tensors (half the file size)")
+    p.add_argument(
+        "--combine", choices=sorted(COMBINE), default="logits", help="; ".join(f"{k}: {v}" for k, v in COMBINE.items())
+    )
+    p.add_argument("--mix", help="with --combine weights: each member's share, comma-separated, summing to 1")
     p.add_argument("members", nargs="+", type=Path, help="weights folders, two or more")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -122,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         members = [load_weights(m) for m in args.members]
         check_members(members)
+        mix = [float(x) for x in args.mix.split(",")] if args.mix else None
+        if mix is not None and args.combine != "weights":
+            raise ValueError("--mix applies to --combine weights only (an ensemble's logits are averaged evenly)")
+        if mix is not None and len(mix) != len(members):
+            raise ValueError(f"--mix gives {len(mix)} shares for {len(members)} weights folders")
     except (ValueError, OSError) as exc:
         p.error(str(exc))
     cfg = TrainConfig(data=args.data, image_size=members[0].preprocess.input_size)
@@ -129,11 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     if data.fingerprint != members[0].metadata.get("data_fingerprint", data.fingerprint):
         p.error(f"{args.data} is not the data the members trained on (its fingerprint differs)")
     model, meta, extras = build_ensemble(
-        members, data.decoded.images, data.decoded.labels, data.decoded.thumbs, args.batch_size
-    )
+        members, data.decoded.images, data.decoded.labels, data.decoded.thumbs, args.batch_size,
+        combine=args.combine, mix=mix,
+    )  # fmt: skip
     save_weights(model, args.out, meta, extras=extras, half=args.half)
     acc, t = meta["metrics"]["validation"]["accuracy"], meta["calibration"]["temperature"]
-    print(f"wrote {args.out}: {len(members)} members, validation accuracy {100 * acc:.2f} %, temperature {t:.3f}")
+    print(
+        f"wrote {args.out}: {len(members)} members ({args.combine}), validation accuracy {100 * acc:.2f} %, temperature {t:.3f}"
+    )
     return 0
 
 

@@ -10,7 +10,14 @@ from torch import nn
 from torchvision import models
 from torchvision.models.resnet import BasicBlock
 
-__all__ = ["ARCHITECTURES", "build_model", "check_input_size", "combine_models", "features_and_logits"]
+__all__ = [
+    "ARCHITECTURES",
+    "average_models",
+    "build_model",
+    "check_input_size",
+    "combine_models",
+    "features_and_logits",
+]
 
 
 class TinyResNet(models.ResNet):
@@ -164,6 +171,33 @@ def combine_models(models: list[nn.Module]) -> nn.Module:
                 raise ValueError(f"cannot combine {name!r} ({type(mod).__name__})")
             continue
         setattr(holder, leaf, new)
+    return out
+
+
+def average_models(models: list[nn.Module], mix: list[float] | None = None) -> nn.Module:
+    """One network whose every parameter and BatchNorm statistic is the ``mix``-weighted mean of the models'
+    (uniform without ``mix``): a weight-space ensemble (a "model soup"; Wortsman et al., 2022, WiSE-FT
+    when one model is a fine-tune of the other). It costs one forward pass, but it only means something
+    for models that share a starting point (a fine-tune and the weights it started from, or fine-tunes of
+    one base): two networks trained apart from scratch average to noise. Integer buffers (BatchNorm's
+    batch counters) are the first model's.
+    """
+    if not models:
+        raise ValueError("average_models needs at least one model")
+    mix = [1.0 / len(models)] * len(models) if mix is None else [float(m) for m in mix]
+    if len(mix) != len(models) or any(m < 0 for m in mix) or abs(sum(mix) - 1.0) > 1e-6:
+        raise ValueError(f"the mix must give each model a share >= 0, summing to 1 (got {mix})")
+    states = [m.state_dict() for m in models]
+    if any(set(s) != set(states[0]) or any(s[k].shape != states[0][k].shape for k in s) for s in states):
+        raise ValueError("the models to average have different architectures")
+    out = copy.deepcopy(models[0])
+    averaged = {}
+    for key, ref in states[0].items():
+        if ref.is_floating_point():
+            averaged[key] = sum(w * s[key].float() for w, s in zip(mix, states, strict=True)).to(ref.dtype)
+        else:
+            averaged[key] = ref
+    out.load_state_dict(averaged)
     return out
 
 
