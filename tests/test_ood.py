@@ -309,6 +309,26 @@ def test_fit_model_takes_training_tensors_and_check_falls_through_to_the_feature
     assert "feature distance" in ood.check(load_image(noise), noise, detector, features)
 
 
+def test_an_augmented_fit_adds_one_copy_of_each_slice_drawn_with_the_training_recipe(tiny_weights_dir):
+    from conftest import synthetic_slice
+
+    from tumor_xai.augment import AugmentConfig
+
+    w = load_weights(tiny_weights_dir)
+    rng = np.random.default_rng(0)
+    squares = np.stack([synthetic_slice(i % 4, rng, 64) for i in range(40)])
+    recipe = ood.training_recipe({"training": {"augment": {**AugmentConfig().to_dict(), "noise": 0.06}}})
+    assert recipe == AugmentConfig(noise=0.06) and ood.training_recipe({}) is None
+    copies = ood.augmented_copies(squares, recipe, seed=3)
+    assert copies.dtype == np.uint8 and copies.shape == squares.shape and (copies != squares).any()
+    np.testing.assert_array_equal(copies, ood.augmented_copies(squares, recipe, seed=3))  # seeded, reproducible
+    labels, train, val = torch.arange(40) % 4, np.arange(32), np.arange(32, 40)
+    _, plain = ood.fit_model(w.model, squares, labels, train, val, w.preprocess)
+    _, meta = ood.fit_model(w.model, squares, labels, train, val, w.preprocess, augment=recipe, seed=3)
+    assert (meta["num_train"], meta["num_val"], meta["augmented_copies"]) == (64, 16, True)
+    assert (plain["num_train"], plain["augmented_copies"]) == (32, False)
+
+
 # --------------------------------------------------------------------------- CT refused by its bone ring
 
 

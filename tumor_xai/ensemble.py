@@ -97,7 +97,10 @@ def build_ensemble(
     fitted = fit_decision(
         logits, torch.as_tensor(labels[val_idx]).long(), negative, screening_sensitivity, screening_specificity
     )
-    extras, ood_meta = ood.fit_model(model, images, labels, train_idx, val_idx, ref.preprocess, batch_size)
+    extras, ood_meta = ood.fit_model(
+        model, images, labels, train_idx, val_idx, ref.preprocess, batch_size,
+        augment=ood.training_recipe(ref.metadata), seed=training.get("seed", 0),
+    )  # fmt: skip
     meta = {
         key: ref.metadata[key]
         for key in ("arch", "class_names", "in_chans", "preprocessing", "data_fingerprint")

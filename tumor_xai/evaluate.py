@@ -571,7 +571,11 @@ def _clean_metrics(
         "training": n_train,
         "skipped": [[str(p), why] for p, why in test.skipped + train.skipped],
     }
-    return test, probs, {"data": data, "official": score(probs, test.labels), "deduplicated": dedup}
+    official = score(probs, test.labels)
+    # Each Testing slice's predicted class index, in the split's sorted order: lets a test check a sample of
+    # them against the weights and the code of the day without predicting all 1311 again.
+    official["predictions"] = "".join(str(int(k)) for k in probs.argmax(axis=1))
+    return test, probs, {"data": data, "official": official, "deduplicated": dedup}
 
 
 def _weights_record(weights: LoadedWeights) -> dict:
@@ -679,7 +683,11 @@ def _record(recorded: dict, metrics: dict) -> dict:
     official, dedup = metrics["official"], metrics["deduplicated"]
     recorded = {k: v for k, v in recorded.items() if k not in ("stress", "localization")}  # never stale
     recorded.update(
-        official={**_summary(official), "recall": {k: v["recall"] for k, v in official["per_class"].items()}},
+        official={
+            **_summary(official),
+            "recall": {k: v["recall"] for k, v in official["per_class"].items()},
+            "predictions": official.get("predictions"),
+        },
         deduplicated={**_summary(dedup), "removed": dedup["removed"]},
     )
     if "stress" in metrics:

@@ -40,7 +40,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import cv2
@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tumor_xai import inference
+from tumor_xai.augment import AugmentConfig, augment
 from tumor_xai.decode import DecodedImage
 from tumor_xai.preprocess import PreprocessConfig
 
@@ -60,6 +61,7 @@ __all__ = [
     "MIN_INTENSITY_RANGE",
     "MIN_SIDE",
     "OodDetector",
+    "augmented_copies",
     "cheap_checks",
     "check",
     "extract_features",
@@ -71,6 +73,7 @@ __all__ = [
     "layout_statistics",
     "skull_ring",
     "skull_ring_reason",
+    "training_recipe",
 ]
 
 logger = logging.getLogger(__name__)
@@ -376,11 +379,19 @@ def fit_model(
     val_idx: np.ndarray,
     cfg: PreprocessConfig,
     batch_size: int = 64,
+    augment: AugmentConfig | None = None,
+    seed: int = 0,
     **kwargs,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """:func:`fit` from a model and its Training squares (uint8 ``(N, S, S)`` or ``(N, 1, S, S)``, array or
     tensor on any device): feature statistics of the training and validation indices, head shapes of all.
-    Without a validation carve-out the threshold comes from the training images (and says so in the log)."""
+    Without a validation carve-out the threshold comes from the training images (and says so in the log).
+
+    With ``augment`` (the recipe the network was trained with), every image also enters once as an
+    augmented copy, drawn with ``seed``: the statistics then describe what training taught the network to
+    read (other framings, contrasts, resolutions, noise), not only the Training split's own look, so brain
+    MRI from another collection is not refused for looking unlike that one collection. The threshold is
+    the percentile over the validation slices and their copies."""
     feats = extract_features(model, images, cfg, batch_size)
     y = torch.as_tensor(labels).cpu()
     if len(val_idx) == 0:
@@ -388,7 +399,33 @@ def fit_model(
         val_idx = train_idx
     squares = np.asarray(torch.as_tensor(images).reshape(len(images), *images.shape[-2:]).cpu())
     shapes = [head_shape(sq) for sq in squares]
-    return fit(feats[train_idx], y[train_idx], feats[val_idx], shape_stats=shapes, **kwargs)
+    train_x, train_y, val_x = feats[train_idx], y[train_idx], feats[val_idx]
+    if augment is not None:
+        copies = extract_features(model, augmented_copies(squares, augment, seed), cfg, batch_size)
+        train_x, train_y = torch.cat([train_x, copies[train_idx]]), torch.cat([train_y, train_y])
+        val_x = torch.cat([val_x, copies[val_idx]])
+    extras, meta = fit(train_x, train_y, val_x, shape_stats=shapes, **kwargs)
+    meta["augmented_copies"] = augment is not None
+    return extras, meta
+
+
+def augmented_copies(squares: np.ndarray, recipe: AugmentConfig, seed: int = 0, chunk: int = 256) -> np.ndarray:
+    """One augmented uint8 copy ``(N, S, S)`` of each uint8 square, drawn with ``recipe`` and ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    out = np.empty_like(squares)
+    for start in range(0, len(squares), chunk):
+        batch = torch.from_numpy(squares[start : start + chunk]).unsqueeze(1)
+        out[start : start + chunk] = augment(batch, recipe, g).mul_(255.0).round_().clamp_(0, 255).byte()[:, 0].numpy()
+    return out
+
+
+def training_recipe(metadata: dict) -> AugmentConfig | None:
+    """The augmentation the weights were trained with (their ``training.augment``), or ``None``."""
+    recipe = (metadata.get("training") or {}).get("augment")
+    if not recipe:
+        return None
+    known = {f.name for f in fields(AugmentConfig)}
+    return AugmentConfig(**{k: float(v) for k, v in recipe.items() if k in known})
 
 
 @dataclass
@@ -520,6 +557,8 @@ def _refit(args: argparse.Namespace) -> int:
         args.batch_size,
         covariance=args.covariance,
         percentile=args.percentile,
+        augment=None if args.no_augment else training_recipe(weights.metadata),
+        seed=int((weights.metadata.get("training") or {}).get("seed", 0)),
     )
     kept = {k: v for k, v in weights.extras.items() if not k.startswith("ood.")}
     metadata = {
@@ -547,6 +586,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--covariance", choices=COVARIANCES, default="class")
     parser.add_argument("--percentile", type=float, default=99.5, help="validation percentile used as threshold")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--no-augment",
+        action="store_true",
+        help="fit on the Training split as it is, without an augmented copy of each slice (drawn with the "
+        "weights' training recipe)",
+    )
     args = parser.parse_args(argv)
     if not 50.0 <= args.percentile <= 100.0:
         parser.error("--percentile must be between 50 and 100")

@@ -997,8 +997,9 @@ def finalize(ctx: RunContext, run: RunData) -> dict:
     else:
         logger.warning("no validation split: temperature stays 1 and no screening threshold is stored")
     extras, meta["ood"] = ood.fit_model(
-        best.model, run.all.images, run.all.labels, run.train_idx, run.val_idx, ctx.pre, ctx.cfg.batch_size
-    )
+        best.model, run.all.images, run.all.labels, run.train_idx, run.val_idx, ctx.pre, ctx.cfg.batch_size,
+        augment=AugmentConfig(**ctx.cfg.augment), seed=ctx.cfg.seed,
+    )  # fmt: skip
     save_weights(best.model, ctx.out, meta, extras=extras, half=ctx.cfg.half)
     return meta
 
