@@ -105,6 +105,22 @@ def test_the_cli_averages_weights_into_one_network_and_records_the_mix(tiny_data
 
 
 @pytest.mark.parametrize(
+    ("combine", "mix", "message"),
+    [
+        ("logits", [0.5, 0.5], "--combine weights only"),
+        ("weights", [1.0], "1 shares for 2"),
+        ("weights", [0.7, 0.4], "sum to 1"),
+        ("weights", [1.2, -0.2], ">= 0"),
+        ("mean", None, "combine must be one of"),
+    ],
+)
+def test_a_bad_mix_is_refused_in_words(combine, mix, message):
+    with pytest.raises(ValueError, match=message):
+        ensemble.check_mix(combine, mix, 2)
+    ensemble.check_mix("weights", [0.7, 0.3], 2)  # and a good one passes
+
+
+@pytest.mark.parametrize(
     ("second", "message"),
     [
         ({"training": {"seed": 1, "val_fraction": 0.25}}, "another validation carve-out"),

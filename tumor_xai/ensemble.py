@@ -62,6 +62,21 @@ def check_members(members: list[LoadedWeights]) -> None:
             )
 
 
+def check_mix(combine: str, mix: list[float] | None, n_members: int) -> None:
+    """Raise ``ValueError`` with a message for the command line unless ``combine`` is known and ``mix``, if
+    given, is a share >= 0 for each of ``n_members`` averaged networks, summing to 1."""
+    if combine not in COMBINE:
+        raise ValueError(f"combine must be one of {sorted(COMBINE)}, got {combine!r}")
+    if mix is None:
+        return
+    if combine != "weights":
+        raise ValueError("--mix applies to --combine weights only (an ensemble's logits are averaged evenly)")
+    if len(mix) != n_members:
+        raise ValueError(f"--mix gives {len(mix)} shares for {n_members} weights folders")
+    if any(w < 0 for w in mix) or abs(sum(mix) - 1.0) > 1e-6:
+        raise ValueError(f"--mix shares must be >= 0 and sum to 1 (got {','.join(f'{w:g}' for w in mix)})")
+
+
 def build_ensemble(
     members: list[LoadedWeights],
     images,
@@ -78,10 +93,7 @@ def build_ensemble(
     ``combine`` is ``"logits"`` (the members side by side) or ``"weights"`` (their parameters averaged,
     each with its ``mix`` share)."""
     check_members(members)
-    if combine not in COMBINE:
-        raise ValueError(f"combine must be one of {sorted(COMBINE)}, got {combine!r}")
-    if mix is not None and combine != "weights":
-        raise ValueError("a mix applies to --combine weights only (the logits of an ensemble are averaged evenly)")
+    check_mix(combine, mix, len(members))
     if combine == "weights" and not any((w.metadata.get("training") or {}).get("init") for w in members):
         logger.warning("none of the members is a fine-tune (--init): averaging networks trained apart gives noise")
     ref = members[0]
@@ -153,10 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         members = [load_weights(m) for m in args.members]
         check_members(members)
         mix = [float(x) for x in args.mix.split(",")] if args.mix else None
-        if mix is not None and args.combine != "weights":
-            raise ValueError("--mix applies to --combine weights only (an ensemble's logits are averaged evenly)")
-        if mix is not None and len(mix) != len(members):
-            raise ValueError(f"--mix gives {len(mix)} shares for {len(members)} weights folders")
+        check_mix(args.combine, mix, len(members))  # before the data set is decoded, which takes a minute
     except (ValueError, OSError) as exc:
         p.error(str(exc))
     cfg = TrainConfig(data=args.data, image_size=members[0].preprocess.input_size)
