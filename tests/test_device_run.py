@@ -51,8 +51,8 @@ def test_device_script_trains_side_by_side_ranks_and_returns_loadable_weights(ti
         "PARALLEL": "2",
         "THREADS": "1",
         "DEVICE": "cpu",
-        "TRAIN_ARGS": "--image-size=64 --low-res-size=32 --batch-size=8",
-        "PART_SIZE": "8M",  # several parts per model, so the reassembly is exercised
+        "TRAIN_ARGS": "--arch=resnet_tiny --image-size=64 --low-res-size=32 --batch-size=8",
+        "PART_SIZE": "64k",  # several parts per model, so the reassembly is exercised
         "SHIP_TOP": "2",
         "PYTHON": sys.executable,
     }
