@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-LEAVE_OUT = ("tests/", "benchmarks/", "scripts/", ".ci/", ".github/", ".gitignore", "pytest.ini")
+LEAVE_OUT = ("tests/", "benchmarks/", "scripts/", ".ci/", ".github/", ".gitignore", "pytest.ini", "weights/candidates/")
 LFS_SIZE = 10 * 1024 * 1024  # the Hub refuses plain git files above this
 BINARY_SNIFF = 8000  # bytes read for a NUL, git's own test for a binary file
 
