@@ -7,7 +7,9 @@ Requests, files and text live in :mod:`tumor_xai.serve` and :mod:`tumor_xai.repo
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 
 # Before gradio is imported: no telemetry and no version check (both call out to the internet).
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
@@ -19,15 +21,23 @@ os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", str(10**9))
 # the speed of the predictions running beside them; the server's cores already go to predictions.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from tumor_xai import serve  # noqa: E402
+from tumor_xai import Predictor, WeightsError, serve  # noqa: E402
 
 if __name__ == "__main__":
+    # Before gradio is imported (seconds of CPU): its temporary folder, and the weights, so that a missing or
+    # damaged folder stops start-up at once with what to do.
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     CACHE = serve.private_cache_dir()  # before gradio reads GRADIO_TEMP_DIR; deleted at exit
+    ARGS = serve.get_args_parser().parse_args()
+    serve.prepare_process(CACHE, ARGS.concurrency)
+    try:
+        PREDICTOR = Predictor.from_pretrained(ARGS.weights)
+    except WeightsError as exc:
+        print(f"app.py: cannot start: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
-import logging  # noqa: E402
-import sys  # noqa: E402
 import typing  # noqa: E402
 from pathlib import Path  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
@@ -36,7 +46,7 @@ from typing import Any  # noqa: E402
 import gradio as gr  # noqa: E402
 from gradio.data_classes import FileData  # noqa: E402
 
-from tumor_xai import Prediction, Predictor, WeightsError, report, scan_ui  # noqa: E402
+from tumor_xai import Prediction, report, scan_ui  # noqa: E402
 from tumor_xai import explain as xai  # noqa: E402
 from tumor_xai.serve import get_args_parser  # noqa: E402
 
@@ -255,17 +265,9 @@ def build_demo(predictor: Predictor, args: argparse.Namespace | None = None) -> 
     return demo
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python app.py``: load the weights once, build the page and serve it until SIGTERM or Ctrl-C."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = get_args_parser().parse_args(argv)
-    serve.prepare_process(CACHE, args.concurrency)
-    try:
-        predictor = Predictor.from_pretrained(args.weights)
-    except WeightsError as exc:
-        print(f"app.py: cannot start: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    serve.serve_forever(build_demo(predictor, args), args, CACHE, **LAUNCH)
+def main() -> None:
+    """``python app.py``: build the page around the predictor loaded at start-up and serve it until SIGTERM or Ctrl-C."""
+    serve.serve_forever(build_demo(PREDICTOR, ARGS), ARGS, CACHE, **LAUNCH)
 
 
 if __name__ == "__main__":

@@ -14,14 +14,67 @@ import pytest
 # Subprocesses the tests start (the CLIs, torchrun) inherit this; an explicit setting wins.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import torch  # noqa: E402
-from PIL import Image
+from PIL import Image  # noqa: E402
 
-from tumor_xai.checkpoint import save_weights  # noqa: E402
-from tumor_xai.model import build_model  # noqa: E402
-from tumor_xai.preprocess import PreprocessConfig  # noqa: E402
+# torch is imported by the tests and fixtures that use it, not here: the pytest-xdist controller loads this
+# file too, and importing torch and torchvision there delayed the workers' start by seconds.
 
-torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """torch's intra-op threads as OMP_NUM_THREADS says (one unless set), in every process that runs tests."""
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+E2E_REASON = (
+    "end-to-end test (fresh interpreters: the GPU script, torchrun, stop signals): run `python -m pytest --e2e`"
+)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--e2e",
+        action="store_true",
+        help="also run the tests marked e2e: each starts interpreters of its own, a minute in all on 2 cores (CI runs them)",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``e2e`` are skipped, with the command that runs them, unless ``--e2e`` is given."""
+    if config.getoption("--e2e"):
+        return
+    skip = pytest.mark.skip(reason=E2E_REASON)
+    for item in items:
+        if "e2e" in item.keywords:
+            item.add_marker(skip)
+
+
+# Modules whose tests share one pytest-xdist worker: the app server (conftest.app_server) and the browser
+# start once instead of once per worker (seconds of CPU each), and so do module-scoped fixtures.
+# test_scan.py joins the server's worker, which has imported Gradio already (its scan-tab request test needs it).
+SHARED_WORKER = {
+    "test_app.py": "app-server",
+    "test_browser.py": "app-server",
+    "test_scan.py": "app-server",
+    "test_dataset_report.py": "report",
+}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Load balancing test by test, except that :data:`SHARED_WORKER` modules run on one worker each and the
+    cases of a parametrized test together (they share its module-scoped fixtures). pytest-xdist's own
+    ``--dist loadgroup`` marks do not take with pytest 9 (it renames ``item._nodeid``, which pytest 9 no
+    longer reads)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return SHARED_WORKER.get(Path(nodeid.split("::", 1)[0]).name) or nodeid.split("[", 1)[0]
+
+    return SharedFixtureScheduling(config, log)
+
 
 CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
 REPO = Path(__file__).resolve().parent.parent
@@ -68,6 +121,12 @@ def make_weights(out: Path, input_size: int = 64, seed: int = 0, arch: str = "re
 
     ``extra_meta`` replaces top-level metadata keys (e.g. ``calibration``, ``screening``, ``class_names``).
     """
+    import torch
+
+    from tumor_xai.checkpoint import save_weights
+    from tumor_xai.model import build_model
+    from tumor_xai.preprocess import PreprocessConfig
+
     torch.manual_seed(seed)
     class_names = extra_meta.get("class_names", CLASSES)
     model = build_model(arch, len(class_names))

@@ -466,6 +466,7 @@ def stale_files(cache: Path, marker: bytes) -> list[Path]:
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_a_stop_signal_leaves_nothing_in_the_cache(tmp_path, served):
     """SIGTERM (what Spaces, docker and systemd send) and SIGINT (Ctrl-C), one server each, started together."""
     from gradio_client import handle_file
@@ -540,6 +541,7 @@ print(tuned, *out)
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_malloc_keeps_activations_and_returns_photos():
     """After tune_malloc a prediction's freed activations stay for the next one (page faults on every
     request cost the server 18 ms of CPU per answer), and a decoded photo's memory goes back."""

@@ -190,7 +190,7 @@ def _train_tiny(cam_weight: float, steps: int = 120) -> dict:
     opt = torch.optim.Adam(net.parameters(), 3e-3)
     g = torch.Generator().manual_seed(0)
     for step in range(steps):
-        i = torch.randint(0, len(x), (32,), generator=g)
+        i = torch.randint(0, len(x), (16,), generator=g)  # batches of 16: half the time of 32, same margins
         fmap, logits = net(x[i])
         loss = F.cross_entropy(logits, y[i])
         if cam_weight:

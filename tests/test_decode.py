@@ -541,6 +541,7 @@ def test_images_below_twice_the_decode_side_are_untouched():
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_training_and_evaluation_import_without_pydicom(tmp_path):
     import subprocess
     import sys

@@ -35,6 +35,7 @@ def external_set(data, masks, out):
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_device_script_trains_side_by_side_ranks_and_returns_loadable_weights(tiny_dataset, tmp_path):
     out, runs = tmp_path / "out", tmp_path / "runs"
     out.mkdir()

@@ -166,6 +166,7 @@ def test_schedule_warms_up_then_decays_to_zero():
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_torchrun_two_processes_with_gloo(tiny_dataset, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
