@@ -50,7 +50,7 @@ from tumor_xai import Prediction, report, scan_ui  # noqa: E402
 from tumor_xai import explain as xai  # noqa: E402
 from tumor_xai.serve import get_args_parser  # noqa: E402
 
-__all__ = ["PREDICTED", "build_demo", "demo", "get_args_parser", "main"]
+__all__ = ["PREDICTED", "build_demo", "demo", "get_args_parser"]
 
 logger = logging.getLogger("tumor_xai.app")
 
@@ -265,13 +265,9 @@ def build_demo(predictor: Predictor, args: argparse.Namespace | None = None) -> 
     return demo
 
 
-def main() -> None:
-    """``python app.py``: build the page around the predictor loaded at start-up and serve it until SIGTERM or Ctrl-C."""
-    serve.serve_forever(build_demo(PREDICTOR, ARGS), ARGS, CACHE, **LAUNCH)
-
-
 if __name__ == "__main__":
-    main()
+    # `python app.py`: the page around the predictor loaded at start-up, served until SIGTERM or Ctrl-C.
+    serve.serve_forever(build_demo(PREDICTOR, ARGS), ARGS, CACHE, **LAUNCH)
 else:
     # `import app` (`gradio app.py`, the tests, another program) gets the interface built once, not launched.
     # Torch's thread count is left to the importer: it is process-wide.

@@ -37,7 +37,7 @@ def pytest_addoption(parser):
     parser.addoption(
         "--e2e",
         action="store_true",
-        help="also run the tests marked e2e: each starts interpreters of its own, a minute in all on 2 cores (CI runs them)",
+        help="also run the tests marked e2e: each starts interpreters of its own, about 2 min in all on 2 cores (CI runs them)",
     )
 
 
