@@ -122,6 +122,25 @@ def test_ema_ships_the_average_and_resumes_it(trained, tiny_dataset, tmp_path, c
     assert main(resumed) == 2 and "--ema 0.0" in capsys.readouterr().err
 
 
+def test_freeze_through_trains_only_the_later_stages(trained, tiny_dataset, tmp_path, capsys):
+    from tumor_xai.checkpoint import load_weights
+
+    out = tmp_path / "frozen"
+    args = ["--data", str(tiny_dataset), "--out", str(out), *SMOKE, "--init", str(trained), "--freeze-through"]
+    assert main([*args, "layer3"]) == 0
+    before, after = load_weights(trained).model.state_dict(), load_weights(out).model.state_dict()
+    # Weights and BatchNorm statistics of the stem and stages 1-3 stay bit for bit; layer4 and the head learn.
+    for name, tensor in after.items():
+        same = tensor.equal(before[name])
+        if name.startswith(("conv1.", "bn1.", "layer1.", "layer2.", "layer3.")):
+            assert same, name
+    assert not after["fc.weight"].equal(before["fc.weight"])
+    assert not after["layer4.0.conv1.weight"].equal(before["layer4.0.conv1.weight"])
+    # Frozen layers need starting weights.
+    scratch = ["--data", str(tiny_dataset), "--out", str(tmp_path / "x"), *SMOKE, "--freeze-through", "layer4"]
+    assert main(scratch) == 2 and "--init" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [

@@ -59,6 +59,7 @@ __all__ = ["TrainConfig", "TrainingData", "get_args_parser", "load_training_data
 logger = logging.getLogger(__name__)
 
 PASTE_DONORS = ("uniform", "balanced")
+FREEZE_STAGES = ("none", "stem", "layer1", "layer2", "layer3", "layer4")  # --freeze-through, in network order
 LAST_EVERY_S = 30.0  # last/ (the --resume state) is written at most this often, and after the final epoch
 
 
@@ -106,6 +107,7 @@ class TrainConfig:
     time_budget: float = 0.0  # seconds of training (and its validation); 0: --epochs decides the length
     low_res_size: int = 0  # progressive resizing: train at this size (growing to 1.25x) before the full size
     full_res_fraction: float = 0.25  # with low_res_size: the last share of the run at the full size
+    freeze_through: str = "none"  # keep the stem and the stages up to this one fixed (see FREEZE_STAGES)
 
 
 # --------------------------------------------------------------------------- set-up
@@ -172,6 +174,10 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
     if cfg.amp == "bf16" and resolve_device(cfg.device).type == "cpu" and not _cpu_has_bf16():
         raise ValueError("--amp bf16 needs a CPU with bf16 support; use --amp off")
+    if cfg.freeze_through not in FREEZE_STAGES:
+        raise ValueError(f"--freeze-through must be one of {FREEZE_STAGES}, got {cfg.freeze_through!r}")
+    if cfg.freeze_through != "none" and not (cfg.init or cfg.pretrained):
+        raise ValueError("--freeze-through keeps layers as they start: give --init WEIGHTS (or --pretrained)")
     if cfg.init and cfg.pretrained:
         raise ValueError("--init and --pretrained both choose the starting weights; pass one of them")
     if cfg.init:
@@ -188,6 +194,24 @@ def check_config(cfg: TrainConfig) -> None:
             raise ValueError(f"--resume: {out} was trained with --ema {kept}; resume it with --ema {kept}")
     elif out.exists() and any(out.iterdir()):
         raise ValueError(f"output folder {out} is not empty; choose a new --out or pass --resume")
+
+
+def frozen_modules(model: nn.Module, through: str) -> list[nn.Module]:
+    """The ResNet's stem and stages up to ``through`` (one of :data:`FREEZE_STAGES`), in order; [] for "none"."""
+    if through not in FREEZE_STAGES:
+        raise ValueError(f"--freeze-through must be one of {FREEZE_STAGES}, got {through!r}")
+    stages = [nn.ModuleList([model.conv1, model.bn1])] + [getattr(model, f"layer{i}") for i in range(1, 5)]
+    return stages[: FREEZE_STAGES.index(through)]
+
+
+def freeze(model: nn.Module, through: str) -> list[nn.Module]:
+    """``--freeze-through``: stop the gradient of the stem and the stages up to ``through`` (their BatchNorm
+    statistics stay as they are too: :func:`train_one_epoch` keeps them in eval mode). Nothing before the first
+    trainable stage is differentiated, so a step costs a forward pass plus the trainable part's backward."""
+    frozen = frozen_modules(model, through)
+    for module in frozen:
+        module.requires_grad_(False)
+    return frozen
 
 
 def check_init(cfg: TrainConfig) -> None:
@@ -476,7 +500,14 @@ def create_model(ctx: RunContext, run: RunData) -> nn.Module:
         model.load_state_dict({k: v.float() for k, v in start.model.state_dict().items()})
         if ctx.main_process:
             logger.info("starting from %s", cfg.init)
+    if freeze(model, cfg.freeze_through) and ctx.main_process:
+        logger.info("frozen through %s: training %s", cfg.freeze_through, _trainable_summary(model))
     return model.to(ctx.device).to(memory_format=torch.channels_last)
+
+
+def _trainable_summary(model: nn.Module) -> str:
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"{n:,} of {sum(p.numel() for p in model.parameters()):,} parameters"
 
 
 def build_optimizer(
@@ -488,7 +519,8 @@ def build_optimizer(
     peak_lr = cfg.lr * cfg.batch_size * ctx.world / 128
     decay, no_decay = [], []
     for p in model.parameters():
-        (no_decay if p.ndim <= 1 else decay).append(p)
+        if p.requires_grad:  # --freeze-through leaves the rest out
+            (no_decay if p.ndim <= 1 else decay).append(p)
     optimizer = torch.optim.SGD(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=peak_lr,
@@ -732,10 +764,12 @@ def train_one_epoch(
     if schedule is None:
         schedule = Schedule(cfg.epochs, math.ceil(len(data) / cfg.batch_size), 1, full_size=cfg.image_size)
     model.train()
+    base = (model.module if hasattr(model, "module") else model).model
+    for module in frozen_modules(base, cfg.freeze_through):
+        module.eval()  # frozen BatchNorm keeps its statistics
     mine = shard_order(ctx, len(data), epoch)
     aug_g = torch.Generator(device=ctx.device).manual_seed(cfg.seed * 1_000_003 + epoch * 101 + ctx.rank)
     aug = AugmentConfig(**cfg.augment)
-    base = (model.module if hasattr(model, "module") else model).model
     fc_weight = base.fc.weight
     steps = math.ceil(len(mine) / cfg.batch_size)
     meter = EpochMeter(ctx.device)
@@ -1132,6 +1166,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--half", action="store_true", help="store the final weights as float16 (half the size)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
+    p.add_argument(
+        "--freeze-through",
+        default=d.freeze_through,
+        choices=FREEZE_STAGES,
+        help="with --init: keep the stem and the stages up to this one as they are (layer4: only the classifier "
+        "learns; each step then costs about a forward pass)",
+    )
     p.add_argument(
         "--ema",
         type=float,
