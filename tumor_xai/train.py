@@ -197,9 +197,8 @@ def check_config(cfg: TrainConfig) -> None:
 
 
 def frozen_modules(model: nn.Module, through: str) -> list[nn.Module]:
-    """The ResNet's stem and stages up to ``through`` (one of :data:`FREEZE_STAGES`), in order; [] for "none"."""
-    if through not in FREEZE_STAGES:
-        raise ValueError(f"--freeze-through must be one of {FREEZE_STAGES}, got {through!r}")
+    """The ResNet's stem and stages up to ``through`` (one of :data:`FREEZE_STAGES`, which
+    :func:`check_config` enforces), in order; [] for "none"."""
     stages = [nn.ModuleList([model.conv1, model.bn1])] + [getattr(model, f"layer{i}") for i in range(1, 5)]
     return stages[: FREEZE_STAGES.index(through)]
 
