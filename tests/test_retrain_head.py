@@ -1,0 +1,70 @@
+"""Last-layer retraining on lesion-pasted twins: only the classifier changes, the choice follows validation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_weights
+from test_attention import write_masks
+
+from tumor_xai.checkpoint import load_weights
+from tumor_xai.retrain_head import choose, fit_head, main
+
+
+@pytest.fixture(scope="module")
+def retrained(tiny_dataset, tmp_path_factory):
+    root = tmp_path_factory.mktemp("head")
+    init = make_weights(root / "init")
+    masks = write_masks(tiny_dataset, root / "masks")
+    out = root / "out"
+    args = ["--init", str(init), "--data", str(tiny_dataset), "--masks", str(masks), "--out", str(out)]
+    assert main([*args, "--passes", "1", "--batch-size", "8", "--anchor", "0,10"]) == 0
+    return init, out, args
+
+
+def test_only_the_classifier_changes_and_the_choice_is_recorded(retrained):
+    init, out, _ = retrained
+    before, after = load_weights(init), load_weights(out)
+    for name, tensor in after.model.state_dict().items():
+        assert tensor.equal(before.model.state_dict()[name]) != name.startswith("fc."), name
+    record = json.loads((out / "model.json").read_text())["head_retraining"]
+    assert [r["anchor"] for r in record["table"]] == [0.0, 10.0] and record["chosen_anchor"] in (0.0, 10.0)
+    assert record["n_pasted"] > 0 and record["init_sha256"] == before.metadata["weights_sha256"]
+    assert record["start"]["validation_errors"] >= 0 and 0 <= record["table"][0]["pasted_sensitivity"] <= 1
+    meta = after.metadata
+    assert meta["calibration"]["temperature"] > 0 and 0 <= meta["screening"]["threshold"] <= 1
+    assert after.extras.keys() == before.extras.keys()
+
+
+def test_a_second_call_reuses_the_features(retrained):
+    _, out, args = retrained
+    stamp = (out / "features.pt").stat().st_mtime_ns
+    assert main([*args, "--anchor", "1"]) == 0
+    assert (out / "features.pt").stat().st_mtime_ns == stamp
+    assert json.loads((out / "model.json").read_text())["head_retraining"]["chosen_anchor"] == 1.0
+
+
+def test_the_anchor_pulls_towards_the_start_and_the_choice_respects_validation():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(200, 8, generator=g), torch.randint(0, 4, (200,), generator=g)
+    w0, b0 = torch.randn(4, 8, generator=g), torch.zeros(4)
+    free, _ = fit_head(x, y, w0, b0, 0.0)
+    held, _ = fit_head(x, y, w0, b0, 100.0)
+    assert (held - w0).norm() < 0.01 * (free - w0).norm()
+    rows = [
+        {"anchor": 0.0, "validation_errors": 5, "pasted_sensitivity": 1.0},
+        {"anchor": 0.1, "validation_errors": 3, "pasted_sensitivity": 0.9},
+        {"anchor": 1.0, "validation_errors": 2, "pasted_sensitivity": 0.9},
+    ]
+    assert choose(rows, start_errors=2, max_lost=1)["anchor"] == 1.0  # 5 errors is too many; tie -> stronger pull
+    assert choose(rows, start_errors=4, max_lost=1)["anchor"] == 0.0
+    assert choose(rows, start_errors=0, max_lost=0)["anchor"] == 1.0  # none allowed: the strongest pull
+
+
+def test_bad_anchors_are_refused(tiny_dataset, tmp_path, capsys):
+    args = ["--init", "x", "--data", str(tiny_dataset), "--masks", "m", "--out", str(tmp_path), "--anchor", "a,-1"]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2 and "--anchor takes non-negative numbers" in capsys.readouterr().err
