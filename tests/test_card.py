@@ -99,3 +99,14 @@ def test_an_ensemble_is_described_member_by_member():
     assert line.startswith("an ensemble of 2 resnet18 networks at 224 px run as one (logits averaged")
     assert "(1) 60 epochs with `--aug basic`; about 1.5 h in all on 2 CPU cores" in line
     assert "(2) 4 min of training, 128-160 px then 224 px on one GPU with" in line and "`--lesion-paste 0.5`" in line
+
+
+def test_a_retrained_classifier_is_named_after_the_network():
+    meta = _meta()
+    meta["head_retraining"] = {"n_features": 26227, "passes": 4, "chosen_anchor": 1.0}
+    line = card._training_line(meta)
+    assert line.startswith("resnet18 at 224 px, trained from scratch")
+    assert "refitted on the frozen network's features" in line and "26227 vectors from 4 augmented passes" in line
+    assert (
+        "`python -m tumor_xai.retrain_head`, pull towards the previous classifier 1, chosen on the validation" in line
+    )

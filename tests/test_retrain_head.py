@@ -33,6 +33,7 @@ def test_only_the_classifier_changes_and_the_choice_is_recorded(retrained):
     assert [r["anchor"] for r in record["table"]] == [0.0, 10.0] and record["chosen_anchor"] in (0.0, 10.0)
     assert record["n_pasted"] > 0 and record["init_sha256"] == before.metadata["weights_sha256"]
     assert record["start"]["validation_errors"] >= 0 and 0 <= record["table"][0]["pasted_sensitivity"] <= 1
+    assert record["table"][0]["worst_stress_errors"] >= 0
     meta = after.metadata
     assert meta["calibration"]["temperature"] > 0 and 0 <= meta["screening"]["threshold"] <= 1
     assert after.extras.keys() == before.extras.keys()
@@ -54,13 +55,18 @@ def test_the_anchor_pulls_towards_the_start_and_the_choice_respects_validation()
     held, _ = fit_head(x, y, w0, b0, 100.0)
     assert (held - w0).norm() < 0.01 * (free - w0).norm()
     rows = [
-        {"anchor": 0.0, "validation_errors": 5, "pasted_sensitivity": 1.0},
-        {"anchor": 0.1, "validation_errors": 3, "pasted_sensitivity": 0.9},
-        {"anchor": 1.0, "validation_errors": 2, "pasted_sensitivity": 0.9},
+        {"anchor": 0.0, "validation_errors": 5, "worst_stress_errors": 6, "pasted_sensitivity": 1.0},
+        {"anchor": 0.1, "validation_errors": 3, "worst_stress_errors": 4, "pasted_sensitivity": 0.9},
+        {"anchor": 1.0, "validation_errors": 2, "worst_stress_errors": 4, "pasted_sensitivity": 0.9},
     ]
-    assert choose(rows, start_errors=2, max_lost=1)["anchor"] == 1.0  # 5 errors is too many; tie -> stronger pull
-    assert choose(rows, start_errors=4, max_lost=1)["anchor"] == 0.0
-    assert choose(rows, start_errors=0, max_lost=0)["anchor"] == 1.0  # none allowed: the strongest pull
+
+    def start(clean: int, stress: int) -> dict:
+        return {"validation_errors": clean, "worst_stress_errors": stress}
+
+    assert choose(rows, start(2, 4), max_lost=1)["anchor"] == 1.0  # 5 errors is too many; tie -> stronger pull
+    assert choose(rows, start(4, 5), max_lost=1)["anchor"] == 0.0
+    assert choose(rows, start(4, 2), max_lost=1)["anchor"] == 1.0  # all too fragile under stress: the strongest pull
+    assert choose(rows, start(0, 0), max_lost=0)["anchor"] == 1.0  # none allowed: the strongest pull
 
 
 def test_bad_anchors_are_refused(tiny_dataset, tmp_path, capsys):

@@ -111,6 +111,19 @@ def _recipe(t: dict, cost: dict | None = None) -> str:
 
 
 def _training_line(meta: dict) -> str:
+    line = _network_line(meta)
+    head = meta.get("head_retraining")
+    if head:
+        line += (
+            f" Its classifier (the last linear layer) was then refitted on the frozen network's features of the "
+            f"training slices and their lesion-pasted twins ({head.get('n_features')} vectors from "
+            f"{head.get('passes')} augmented passes; `python -m tumor_xai.retrain_head`, pull towards the "
+            f"previous classifier {head.get('chosen_anchor'):g}, chosen on the validation carve-out)."
+        )
+    return line
+
+
+def _network_line(meta: dict) -> str:
     size = meta["preprocessing"]["input_size"]
     ensemble = meta.get("ensemble") or {}
     members = ensemble.get("members")
