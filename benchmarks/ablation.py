@@ -37,8 +37,7 @@ from tumor_xai.checkpoint import LoadedWeights, load_weights
 from tumor_xai.data import carve_out_seed, split_train_val
 from tumor_xai.duplicates import group_ids, near_duplicate_pairs
 from tumor_xai.explain import DEFAULT_LAYER, DEFAULT_METHOD
-from tumor_xai.preprocess import quantize
-from tumor_xai.stress import CORRUPTIONS, corrupt
+from tumor_xai.stress import CORRUPTIONS, corrupt_squares
 from tumor_xai.train import check_config, config_from_args, get_args_parser, load_training_data, train
 
 COMPONENTS: dict[str, list[str]] = {
@@ -97,9 +96,7 @@ def corrupted(squares: np.ndarray, name: str) -> np.ndarray:
 
     key = (hashlib.sha1(squares.tobytes()).digest(), name)
     if key not in _CORRUPTED:
-        _CORRUPTED[key] = np.stack(
-            [quantize(corrupt(name, sq.astype(np.float32) / 255.0, seed=i)) for i, sq in enumerate(squares)]
-        )
+        _CORRUPTED[key] = corrupt_squares(squares, name)
     return _CORRUPTED[key]
 
 

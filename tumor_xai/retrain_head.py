@@ -42,7 +42,6 @@ from tumor_xai import inference
 from tumor_xai.augment import PRESETS, AugmentConfig
 from tumor_xai.calibration import fit_decision
 from tumor_xai.checkpoint import LoadedWeights, load_weights, save_weights
-from tumor_xai.data import carve_out_seed
 from tumor_xai.model import features_and_logits
 
 __all__ = ["HeadConfig", "extract_twin_features", "fit_head", "main", "retrain_head"]
@@ -138,7 +137,7 @@ class TwinFeatures:
     val_y: torch.Tensor
     paste_x: torch.Tensor  # (P, C) validation no-tumour slices with a validation lesion pasted in
     paste_y: torch.Tensor
-    stress_x: torch.Tensor | None = None  # (K, V, C) the validation carve-out under each stress test
+    stress_x: torch.Tensor  # (K, V, C) the validation carve-out under each stress test
 
     def save(self, path: Path) -> None:
         torch.save(asdict(self), path)
@@ -150,16 +149,13 @@ class TwinFeatures:
 
 def stress_features(model: torch.nn.Module, squares: np.ndarray, pre, batch_size: int) -> torch.Tensor:
     """Pooled features ``(K, V, C)`` of the validation squares under each of :data:`~tumor_xai.stress.CORRUPTIONS`,
-    corrupted as ``benchmarks/compare_validation.py`` corrupts them (seeded per image), so the choice
-    below holds the gate's worst-stress rule."""
-    from tumor_xai.preprocess import quantize
-    from tumor_xai.stress import CORRUPTIONS, corrupt
+    corrupted as the gate corrupts them (:func:`~tumor_xai.stress.corrupt_squares`), so the choice below
+    holds the gate's worst-stress rule."""
+    from tumor_xai.stress import CORRUPTIONS, corrupt_squares
 
-    out = []
-    for name in CORRUPTIONS:
-        bad = np.stack([quantize(corrupt(name, sq.astype(np.float32) / 255.0, seed=i)) for i, sq in enumerate(squares)])
-        out.append(inference.forward(model, bad, pre, batch_size).features)
-    return torch.stack(out)
+    return torch.stack(
+        [inference.forward(model, corrupt_squares(squares, name), pre, batch_size).features for name in CORRUPTIONS]
+    )
 
 
 def extract_twin_features(init: LoadedWeights, cfg: HeadConfig) -> TwinFeatures:
@@ -199,19 +195,6 @@ def extract_twin_features(init: LoadedWeights, cfg: HeadConfig) -> TwinFeatures:
         paste_y[flag].long(),
         stress,
     )
-
-
-def _validation_stress(init: LoadedWeights, cfg: HeadConfig) -> torch.Tensor:
-    from tumor_xai.data import split_train_val
-    from tumor_xai.train import load_training_data
-
-    tcfg = _train_config(init, cfg)
-    tcfg.masks = None
-    data = load_training_data(tcfg, fingerprint=False)
-    _, val_idx = split_train_val(
-        data.decoded.labels, data.decoded.thumbs, tcfg.val_fraction, carve_out_seed(vars(tcfg))
-    )
-    return stress_features(init.model.float().eval(), data.decoded.images[val_idx], init.preprocess, cfg.batch_size)
 
 
 def _subset(split, hosts: torch.Tensor) -> tuple:
@@ -280,17 +263,15 @@ def retrain_head(cfg: HeadConfig) -> dict:
     init = load_weights(cfg.init)
     if init.metadata.get("members", 1) != 1:
         raise ValueError(f"{cfg.init} runs several networks side by side: retrain the head of one network")
-    names = init.class_names
-    negative = names.index("notumor")
+    negative = init.decision.negative_index
+    if negative is None:
+        raise ValueError(f"{cfg.init} has no no-tumour class to paste lesions into")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "features.pt"
     if cache.is_file():
         feats = TwinFeatures.load(cache)
         logger.info("features from %s", cache)
-        if feats.stress_x is None:  # a cache from before the stress rule
-            feats.stress_x = _validation_stress(init, cfg)
-            feats.save(cache)
     else:
         feats = extract_twin_features(init, cfg)
         feats.save(cache)
@@ -323,7 +304,6 @@ def retrain_head(cfg: HeadConfig) -> dict:
     meta.update(fitted)
     meta["head_retraining"] = {
         **{k: v for k, v in asdict(cfg).items() if k not in ("out", "half")},
-        "anchors": list(cfg.anchors),
         "init_sha256": init.metadata.get("weights_sha256"),
         "chosen_anchor": best["anchor"],
         "start": start,

@@ -20,6 +20,7 @@ __all__ = [
     "adjust_contrast",
     "adjust_gamma",
     "corrupt",
+    "corrupt_squares",
     "down_up_sample",
     "gaussian_noise",
     "rotate",
@@ -94,3 +95,12 @@ def corrupt(name: str, gray: np.ndarray, seed: int = 0) -> np.ndarray:
     if name not in CORRUPTIONS:
         raise ValueError(f"unknown corruption {name!r}; choose one of {sorted(CORRUPTIONS)}")
     return CORRUPTIONS[name](gray, seed)
+
+
+def corrupt_squares(squares: np.ndarray, name: str) -> np.ndarray:
+    """uint8 squares ``(N, S, S)`` after the named corruption, image ``i`` drawn with seed ``i``: the
+    validation stress tests of the gate (``benchmarks/compare_validation.py``) and of
+    :mod:`tumor_xai.retrain_head`'s choice, which must see the same corrupted images."""
+    from tumor_xai.preprocess import quantize
+
+    return np.stack([quantize(corrupt(name, sq.astype(np.float32) / 255.0, seed=i)) for i, sq in enumerate(squares)])
