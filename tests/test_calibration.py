@@ -7,9 +7,12 @@ import pytest
 import torch
 
 from tumor_xai.calibration import (
+    MIN_TEMPERATURE,
     choose_threshold,
+    fit_confidence_temperature,
     fit_decision,
     fit_temperature,
+    mean_confidence,
     temperature_nll,
     threshold_at_specificity,
 )
@@ -37,6 +40,55 @@ def test_temperature_undoes_overconfidence_and_lowers_nll():
 def test_underconfident_logits_get_a_temperature_below_one():
     logits, labels = _overconfident(scale=0.5, seed=1)
     assert fit_temperature(logits, labels) < 1.0
+
+
+def test_confidence_temperature_matches_accuracy_and_undoes_overconfidence():
+    logits, labels = _overconfident(scale=3.0)
+    t = fit_confidence_temperature(logits, labels)
+    accuracy = float((logits.argmax(1) == labels).float().mean())
+    assert mean_confidence(logits, t) == pytest.approx(accuracy, abs=1e-6)
+    assert t == pytest.approx(3.0, rel=0.15)  # a calibrated model's confidence matches its accuracy: T = 3 again
+
+
+def _underconfident_with_confident_errors() -> tuple[torch.Tensor, torch.Tensor]:
+    """600 slices, all but 8 read right with a modest margin whose true temperature is 0.3, and 8 read wrong with
+    a margin 5 times larger: the shape of a classifier refitted on lesion-pasted twins."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(600, 4, generator=g) * 0.3
+    labels = torch.randint(0, 4, (600,), generator=g)
+    z[torch.arange(600), labels] += 2.0 + torch.rand(600, generator=g)
+    wrong = torch.arange(8)
+    z[wrong, (labels[wrong] + 1) % 4] += 10.0
+    return z, labels
+
+
+def test_a_few_confident_errors_warm_the_nll_temperature_but_not_the_confidence_one():
+    from tumor_xai.metrics import expected_calibration_error
+
+    logits, labels = _underconfident_with_confident_errors()
+    by_nll, by_confidence = fit_temperature(logits, labels), fit_confidence_temperature(logits, labels)
+    assert by_confidence < by_nll
+
+    def ece(t: float) -> float:
+        return expected_calibration_error(torch.softmax(logits / t, 1).numpy(), labels.numpy())
+
+    assert ece(by_confidence) < 0.015 < ece(by_nll)
+
+
+def test_confidence_temperature_stops_at_the_bound_on_a_set_read_entirely_right(caplog):
+    logits = torch.tensor([[3.0, 0.0], [0.0, 2.0]])
+    with caplog.at_level("WARNING"):
+        assert fit_confidence_temperature(logits, torch.tensor([0, 1])) == MIN_TEMPERATURE
+    assert "search bound" in caplog.text
+    with pytest.raises(ValueError, match="empty"):
+        fit_confidence_temperature(torch.zeros(0, 2), torch.zeros(0, dtype=torch.long))
+
+
+def test_fit_decision_records_the_criterion_and_the_nll_temperature_beside_it():
+    logits, labels = _underconfident_with_confident_errors()
+    cal = fit_decision(logits, labels, None, 0.995)["calibration"]
+    assert cal["temperature"] == pytest.approx(fit_confidence_temperature(logits, labels))
+    assert cal["nll_temperature"] == pytest.approx(fit_temperature(logits, labels)) and "confidence" in cal["criterion"]
 
 
 @pytest.mark.parametrize(

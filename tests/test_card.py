@@ -110,3 +110,13 @@ def test_a_retrained_classifier_is_named_after_the_network():
     assert (
         "`python -m tumor_xai.retrain_head`, pull towards the previous classifier 1, chosen on the validation" in line
     )
+
+
+def test_the_calibration_line_names_its_criterion_when_the_weights_record_one():
+    plain = card._headline(_meta())[0]
+    assert plain.endswith("T = 0.700.") and "NLL" not in plain
+    meta = _meta()
+    meta["calibration"].update(criterion="mean top-class confidence equals accuracy", nll_temperature=0.95)
+    line = card._headline(meta)[0]
+    assert "T = 0.700, the temperature at which mean top-class confidence equals accuracy" in line
+    assert "NLL's would be 0.950" in line

@@ -202,7 +202,12 @@ def _headline(meta: dict) -> list[str]:
     if cal:
         lines.append(
             f"**Calibration.** Temperature scaling on the validation carve-out ({cal.get('n', '-')} images): "
-            f"T = {cal['temperature']:.3f}."
+            f"T = {cal['temperature']:.3f}"
+            + (
+                f", the temperature at which {cal['criterion']} there (NLL's would be {cal['nll_temperature']:.3f})."
+                if cal.get("criterion") and cal.get("nll_temperature") is not None
+                else "."
+            )
         )
     if scr and scr.get("target_specificity") is not None:
         lines.append(
