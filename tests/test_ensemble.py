@@ -12,6 +12,7 @@ from tumor_xai import ensemble, inference
 from tumor_xai.checkpoint import load_weights
 from tumor_xai.model import average_models, build_model, combine_models
 from tumor_xai.predictor import Predictor
+from tumor_xai.preprocess import PreprocessConfig
 
 CARVE_OUT = {"seed": 0, "val_fraction": 0.25}
 
@@ -56,6 +57,7 @@ def test_the_cli_writes_weights_that_load_predict_and_say_what_they_are(tiny_dat
     assert meta["members"] == 2 and [m["folder"] for m in meta["ensemble"]["members"]] == [str(a), str(b)]
     assert meta["calibration"]["fitted_on"] == "validation carve-out" and meta["calibration"]["n"] == 8
     assert "threshold" in meta["screening"] and "threshold" in meta["ood"] and meta["training"] == CARVE_OUT
+    assert meta["preprocessing"] == PreprocessConfig(input_size=64).to_dict()
     loaded = load_weights(out)
     x = inference.to_input(torch.randint(0, 255, (1, 64, 64), dtype=torch.uint8), loaded.preprocess)
     members = [load_weights(p).model for p in (a, b)]
@@ -86,7 +88,10 @@ def test_averaged_weights_are_the_mix_of_the_members_parameters_and_statistics()
 
 
 def test_the_cli_averages_weights_into_one_network_and_records_the_mix(tiny_dataset, tmp_path):
-    a = make_weights(tmp_path / "a", seed=0, training=CARVE_OUT)
+    # A member fitted under an older preprocessing version still averages (the code applies the current
+    # one to both); the average's decision is fitted now, under the current version, and says so.
+    old = {**PreprocessConfig(input_size=64).to_dict(), "version": 1}
+    a = make_weights(tmp_path / "a", seed=0, training=CARVE_OUT, preprocessing=old)
     b = make_weights(tmp_path / "b", seed=1, training={**CARVE_OUT, "init": str(a)})
     out = tmp_path / "soup"
     argv = ["--data", str(tiny_dataset), "--out", str(out), "--combine", "weights", "--mix", "0.7,0.3", str(a), str(b)]
@@ -96,6 +101,7 @@ def test_the_cli_averages_weights_into_one_network_and_records_the_mix(tiny_data
         meta["members"] == 1 and meta["ensemble"]["mix"] == [0.7, 0.3] and "parameters" in meta["ensemble"]["combine"]
     )
     assert "threshold" in meta["screening"] and "threshold" in meta["ood"] and meta["training"] == CARVE_OUT
+    assert meta["preprocessing"] == PreprocessConfig(input_size=64).to_dict()
     expected = average_models([load_weights(p).model.float() for p in (a, b)], [0.7, 0.3]).eval()
     x = inference.to_input(torch.randint(0, 255, (1, 64, 64), dtype=torch.uint8), load_weights(out).preprocess)
     with torch.no_grad():
@@ -125,6 +131,7 @@ def test_a_bad_mix_is_refused_in_words(combine, mix, message):
     [
         ({"training": {"seed": 1, "val_fraction": 0.25}}, "another validation carve-out"),
         ({"training": CARVE_OUT, "class_names": ["a", "b", "c", "d"]}, "another class_names"),
+        ({"training": CARVE_OUT, "preprocessing": PreprocessConfig(input_size=32).to_dict()}, "another preprocessing"),
         ({"training": CARVE_OUT, "members": 2}, "is an ensemble already"),
     ],
 )

@@ -10,13 +10,14 @@ from conftest import make_weights
 from test_attention import write_masks
 
 from tumor_xai.checkpoint import load_weights
+from tumor_xai.preprocess import PreprocessConfig
 from tumor_xai.retrain_head import choose, fit_head, main
 
 
 @pytest.fixture(scope="module")
 def retrained(tiny_dataset, tmp_path_factory):
     root = tmp_path_factory.mktemp("head")
-    init = make_weights(root / "init")
+    init = make_weights(root / "init", preprocessing={**PreprocessConfig(input_size=64).to_dict(), "version": 1})
     masks = write_masks(tiny_dataset, root / "masks")
     out = root / "out"
     args = ["--init", str(init), "--data", str(tiny_dataset), "--masks", str(masks), "--out", str(out)]
@@ -37,6 +38,8 @@ def test_only_the_classifier_changes_and_the_choice_is_recorded(retrained):
     meta = after.metadata
     assert meta["calibration"]["temperature"] > 0 and 0 <= meta["screening"]["threshold"] <= 1
     assert after.extras.keys() == before.extras.keys()
+    # The features were decoded by this code: the decision is fitted under its preprocessing version.
+    assert meta["preprocessing"] == PreprocessConfig(input_size=64).to_dict() != before.metadata["preprocessing"]
 
 
 def test_a_second_call_reuses_the_features(retrained):

@@ -32,6 +32,7 @@ from tumor_xai.calibration import fit_decision
 from tumor_xai.checkpoint import NEGATIVE_CLASS, LoadedWeights, load_weights, save_weights
 from tumor_xai.data import carve_out_seed, split_train_val
 from tumor_xai.model import average_models, combine_models
+from tumor_xai.preprocess import refitted_under_current
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def check_members(members: list[LoadedWeights]) -> None:
         if meta.get("members", 1) != 1:
             raise ValueError(f"{w.path} is an ensemble already: combine its members instead")
         for key in ("arch", "class_names", "in_chans", "preprocessing"):
-            if meta.get(key) != ref.get(key):
+            if _comparable(key, meta.get(key)) != _comparable(key, ref.get(key)):
                 raise ValueError(f"{w.path} has another {key} than {members[0].path}: {meta.get(key)!r}")
         mine, theirs = meta.get("training") or {}, ref.get("training") or {}
         if (carve_out_seed(mine), mine.get("val_fraction")) != (carve_out_seed(theirs), theirs.get("val_fraction")):
@@ -60,6 +61,14 @@ def check_members(members: list[LoadedWeights]) -> None:
                 f"{mine.get('val_fraction')}) than {members[0].path} (seed {carve_out_seed(theirs)}, fraction "
                 f"{theirs.get('val_fraction')}): each would have trained on the other's validation images"
             )
+
+
+def _comparable(key: str, value):
+    """A metadata value as members must share it: the preprocessing without its version (the code applies
+    the current one to every member; the version says what a folder's decision was fitted under)."""
+    if key == "preprocessing" and isinstance(value, dict):
+        return {k: v for k, v in value.items() if k != "version"}
+    return value
 
 
 def check_mix(combine: str, mix: list[float] | None, n_members: int) -> None:
@@ -118,6 +127,7 @@ def build_ensemble(
         for key in ("arch", "class_names", "in_chans", "preprocessing", "data_fingerprint")
         if key in ref.metadata
     }
+    meta["preprocessing"] = refitted_under_current(meta["preprocessing"])  # the decision and OOD fitted just now
     described = {"combine": COMBINE[combine]}
     if combine == "weights":
         described["mix"] = mix or [1.0 / len(members)] * len(members)

@@ -524,7 +524,7 @@ def carve_out(weights, data: Path) -> CarveOut:
     training = weights.metadata.get("training") or {}
     fraction = float(training.get("val_fraction", 0.1))
     seed = carve_out_seed(training)
-    split = decode_samples(dataset.splits["Training"], weights.preprocess.input_size, skip_unreadable=True)
+    split = decode_samples(dataset.splits["Training"], weights.preprocess, skip_unreadable=True)
     train_idx, val_idx = split_train_val(split.labels, split.thumbs, fraction, seed)
     return CarveOut(
         split.images, torch.from_numpy(split.labels), train_idx, val_idx, fraction, seed, "val_fraction" in training

@@ -43,6 +43,7 @@ from tumor_xai.augment import PRESETS, AugmentConfig
 from tumor_xai.calibration import fit_decision
 from tumor_xai.checkpoint import LoadedWeights, load_weights, save_weights
 from tumor_xai.model import features_and_logits
+from tumor_xai.preprocess import refitted_under_current
 
 __all__ = ["HeadConfig", "extract_twin_features", "fit_head", "main", "retrain_head"]
 
@@ -300,6 +301,7 @@ def retrain_head(cfg: HeadConfig) -> dict:
         training.get("screening_specificity", 0.98) or None,
     )
     meta = {k: v for k, v in init.metadata.items() if k not in ("weights_sha256", "storage_dtype", "format_version")}
+    meta["preprocessing"] = refitted_under_current(meta["preprocessing"])  # features decoded by this code
     meta["metrics"] = {"validation": fitted.pop("validation")}
     meta.update(fitted)
     meta["head_retraining"] = {
