@@ -37,9 +37,22 @@ def test_only_the_classifier_changes_and_the_choice_is_recorded(retrained):
     assert record["table"][0]["worst_stress_errors"] >= 0
     meta = after.metadata
     assert meta["calibration"]["temperature"] > 0 and 0 <= meta["screening"]["threshold"] <= 1
-    assert after.extras.keys() == before.extras.keys()
-    # The features were decoded by this code: the decision is fitted under its preprocessing version.
+    # The start was fitted under preprocessing version 1: the features are decoded by this code, so the
+    # decision and the OOD statistics are fitted under its version, and the weights say so.
     assert meta["preprocessing"] == PreprocessConfig(input_size=64).to_dict() != before.metadata["preprocessing"]
+    assert "threshold" in meta["ood"] and {"ood.means", "ood.precision"} <= after.extras.keys()
+
+
+@pytest.mark.slow
+def test_a_start_fitted_under_this_version_keeps_its_ood_statistics(retrained, tmp_path):
+    _, first, args = retrained
+    out = tmp_path / "again"
+    argv = ["--init", str(first), *args[2:6], "--out", str(out), "--passes", "1", "--batch-size", "8", "--anchor", "1"]
+    assert main(argv) == 0
+    before, after = load_weights(first), load_weights(out)
+    assert after.metadata["ood"] == before.metadata["ood"]
+    for name, tensor in before.extras.items():
+        assert after.extras[name].equal(tensor), name
 
 
 def test_a_second_call_reuses_the_features(retrained):

@@ -22,8 +22,9 @@ with the highest tumour sensitivity on validation no-tumour slices with a valida
 the result on them with ``benchmarks/compare_validation.py``.
 
 The network up to the pooled features is untouched, so the heatmaps' maps and the out-of-distribution
-statistics (first-stage features) stay those of ``--init`` and are copied; the temperature and the
-screening threshold are fitted again on validation logits, as training fits them.
+statistics (first-stage features) stay those of ``--init`` and are copied (fitted again only when ``--init``
+was fitted under an older preprocessing version); the temperature and the screening threshold are fitted
+again on validation logits, as training fits them.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from tumor_xai.augment import PRESETS, AugmentConfig
 from tumor_xai.calibration import fit_decision
 from tumor_xai.checkpoint import LoadedWeights, load_weights, save_weights
 from tumor_xai.model import features_and_logits
-from tumor_xai.preprocess import refitted_under_current
+from tumor_xai.preprocess import PREPROCESSING_VERSION, refitted_under_current
 
 __all__ = ["HeadConfig", "extract_twin_features", "fit_head", "main", "retrain_head"]
 
@@ -314,8 +315,28 @@ def retrain_head(cfg: HeadConfig) -> dict:
         "n_pasted": int(feats.train_pasted.sum()),
         "seconds": round(time.time() - t0, 1),
     }
-    save_weights(model, out, meta, extras=init.extras, half=cfg.half)  # OOD tensors: first-stage, unchanged
+    extras = init.extras  # OOD tensors: first-stage features, which the refit leaves alone
+    if init.preprocess.version != PREPROCESSING_VERSION:  # ... but fitted on pixels this code no longer makes
+        extras, meta["ood"] = _refit_ood(init, model, cfg)
+    save_weights(model, out, meta, extras=extras, half=cfg.half)
     return meta
+
+
+def _refit_ood(init: LoadedWeights, model: torch.nn.Module, cfg: HeadConfig) -> tuple[dict, dict]:
+    """The OOD statistics of ``init``'s network fitted again on its carve-out as this code preprocesses it,
+    the other extras kept."""
+    from tumor_xai import ood
+
+    logger.info(
+        "%s was fitted under preprocessing version %d: refitting its OOD statistics", cfg.init, init.preprocess.version
+    )
+    c = ood.carve_out(init, Path(cfg.data))
+    fitted, meta = ood.fit_model(
+        model, c.images, c.labels, c.train_idx, c.val_idx, init.preprocess, cfg.batch_size,
+        augment=ood.training_recipe(init.metadata), seed=int((init.metadata.get("training") or {}).get("seed", 0)),
+    )  # fmt: skip
+    kept = {k: v for k, v in init.extras.items() if not k.startswith("ood.")}
+    return {**kept, **fitted}, meta
 
 
 # --------------------------------------------------------------------------- command line
