@@ -372,3 +372,16 @@ def test_kaggle_ct_slices_are_refused_and_its_mri_slices_pass(full_data):
         assert ood.skull_ring_reason(square) is not None, name
     for path in sorted((full_data / "Testing" / "glioma").glob("*.jpg"))[:40]:
         assert ood.skull_ring_reason(quantize(fit_square(load_image(path).gray, 224)[0])) is None, path.name
+
+
+def test_a_scalp_ring_apart_from_the_brain_is_one_head_but_two_heads_are_not():
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[:224, :224] - 112
+    r = np.hypot(yy, xx * 1.2)
+    ring = (r > 88) & (r < 96)  # bright scalp fat, dark bone between it and the brain
+    scalp = np.where(ring, 200, _disc(224, 0.35, rng)).astype(np.uint8)
+    assert ood.head_shape(scalp)["single_region"] > 0.99
+    twins = np.zeros((224, 224), np.uint8)
+    twins[:, :112] = _disc(224, 0.2, rng)[:, 56:168]
+    twins[:, 112:] = _disc(224, 0.2, rng)[:, 56:168]
+    assert ood.head_shape(twins)["single_region"] < 0.6

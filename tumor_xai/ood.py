@@ -14,7 +14,8 @@
    dataset itself holds a few such CT slices among its MRI (they are refused too).
 4. **Head shape** (:func:`head_shape`, model-free): on the square the model sees, the largest bright
    connected region must look like a head on a dark background: large enough, one region rather than
-   many, an outline close to its fitted ellipse, and MRI-like texture inside (grey-level entropy;
+   many (a bright scalp ring around the brain, apart from it across the dark skull, counts as one with
+   what it encloses), an outline close to its fitted ellipse, and MRI-like texture inside (grey-level entropy;
    phantoms and drawings have a handful of levels). Each limit is a low percentile of the Training
    split's own values (0.1 % by default), so about 0.1 % of real slices fall under each.
 5. **Feature layout** (:func:`layout_statistics`, from the classifier's own forward pass): where in
@@ -244,12 +245,30 @@ def skull_ring_reason(square: np.ndarray) -> str | None:
     return None
 
 
+ENCLOSING_CANDIDATES = 3
+
+
+def _enclosed_share(mask: np.ndarray) -> float:
+    """The largest share of ``mask``'s pixels inside the outline of one of its few largest regions."""
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    best = 0.0
+    for i in 1 + np.argsort(stats[1:, cv2.CC_STAT_AREA])[::-1][:ENCLOSING_CANDIDATES]:
+        region = (labels == i).astype(np.uint8)
+        contours, _ = cv2.findContours(region, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        filled = np.zeros_like(region)
+        cv2.drawContours(filled, [max(contours, key=cv2.contourArea)], -1, 1, thickness=-1)
+        best = max(best, float((mask & filled).sum() / mask.sum()))
+    return best
+
+
 def head_shape(square: np.ndarray) -> dict[str, float]:
     """Model-free statistics of the uint8 square ``(S, S)`` the model sees; low values are unlike a head.
 
     The foreground is what is brighter than a tenth of the 99th percentile (after a light blur);
     ``head_area`` is the filled area of its largest connected region over the square's, and
-    ``single_region`` that region's share of all foreground; ``ellipse_fit`` the overlap (IoU) of the
+    ``single_region`` the largest share of all foreground that one of the :data:`ENCLOSING_CANDIDATES`
+    largest regions holds inside its outline (in MRI the scalp's fat is a bright ring, apart from the brain
+    across the dark bone: the ring and the brain it encloses are one head); ``ellipse_fit`` the overlap (IoU) of the
     filled region with its fitted ellipse; ``texture`` the entropy (bits) of a 64-bin grey-level
     histogram inside the region.
     """
@@ -268,7 +287,7 @@ def head_shape(square: np.ndarray) -> dict[str, float]:
     p = hist[hist > 0] / hist.sum()
     return {
         "head_area": float(filled.sum() / square.size),
-        "single_region": float(largest.sum() / mask.sum()),
+        "single_region": _enclosed_share(mask),
         "ellipse_fit": ellipse_fit,
         "texture": float(-(p * np.log2(p)).sum()),
     }
