@@ -171,18 +171,24 @@ RING_NO_DARK_LAYER = 0.6  # and no darker layer than 60 % of the brain's level l
 _RING_T = np.linspace(0.0, RING_DEPTH, 61)
 
 
-def _head_region(square: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """(foreground, largest region, that region filled) as uint8 masks of ``square``; None when empty."""
+def _filled(region: np.ndarray) -> np.ndarray:
+    """The uint8 mask ``region`` with everything inside its outermost outline filled in."""
+    contours, _ = cv2.findContours(region, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    filled = np.zeros_like(region)
+    cv2.drawContours(filled, [max(contours, key=cv2.contourArea)], -1, 1, thickness=-1)
+    return filled
+
+
+def _head_region(square: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple] | None:
+    """(foreground, largest region, that region filled) as uint8 masks of ``square``, and the foreground's
+    connected components (labels, stats) they come from; None when empty."""
     blurred = cv2.GaussianBlur(square, (5, 5), 0)
     mask = (blurred > 0.1 * float(np.percentile(blurred, 99))).astype(np.uint8)
     n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     if n <= 1:
         return None
     largest = (labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))).astype(np.uint8)
-    contours, _ = cv2.findContours(largest, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    filled = np.zeros_like(largest)
-    cv2.drawContours(filled, [max(contours, key=cv2.contourArea)], -1, 1, thickness=-1)
-    return mask, largest, filled
+    return mask, largest, _filled(largest), (labels, stats)
 
 
 def skull_ring(square: np.ndarray) -> dict[str, float] | None:
@@ -248,16 +254,12 @@ def skull_ring_reason(square: np.ndarray) -> str | None:
 ENCLOSING_CANDIDATES = 3
 
 
-def _enclosed_share(mask: np.ndarray) -> float:
-    """The largest share of ``mask``'s pixels inside the outline of one of its few largest regions."""
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
-    best = 0.0
-    for i in 1 + np.argsort(stats[1:, cv2.CC_STAT_AREA])[::-1][:ENCLOSING_CANDIDATES]:
-        region = (labels == i).astype(np.uint8)
-        contours, _ = cv2.findContours(region, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        filled = np.zeros_like(region)
-        cv2.drawContours(filled, [max(contours, key=cv2.contourArea)], -1, 1, thickness=-1)
-        best = max(best, float((mask & filled).sum() / mask.sum()))
+def _enclosed_share(mask: np.ndarray, labels: np.ndarray, stats: np.ndarray, filled: np.ndarray) -> float:
+    """The largest share of ``mask``'s pixels inside the outline of one of its few largest regions
+    (``filled``: the largest one's, already drawn)."""
+    best = float((mask & filled).sum() / mask.sum())
+    for i in 1 + np.argsort(stats[1:, cv2.CC_STAT_AREA])[::-1][1:ENCLOSING_CANDIDATES]:
+        best = max(best, float((mask & _filled((labels == i).astype(np.uint8))).sum() / mask.sum()))
     return best
 
 
@@ -275,7 +277,7 @@ def head_shape(square: np.ndarray) -> dict[str, float]:
     region = _head_region(square)
     if region is None:
         return dict.fromkeys(SHAPE_STATS, 0.0)
-    mask, largest, filled = region
+    mask, largest, filled, (labels, stats) = region
     contours, _ = cv2.findContours(filled, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     outline = max(contours, key=cv2.contourArea)
     ellipse_fit = 0.0
@@ -287,7 +289,7 @@ def head_shape(square: np.ndarray) -> dict[str, float]:
     p = hist[hist > 0] / hist.sum()
     return {
         "head_area": float(filled.sum() / square.size),
-        "single_region": _enclosed_share(mask),
+        "single_region": _enclosed_share(mask, labels, stats, filled),
         "ellipse_fit": ellipse_fit,
         "texture": float(-(p * np.log2(p)).sum()),
     }
@@ -550,6 +552,21 @@ def carve_out(weights, data: Path) -> CarveOut:
     )
 
 
+def refit_statistics(
+    weights, c: CarveOut, batch_size: int = 64, model: nn.Module | None = None, augmented: bool = True, **kwargs
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """The OOD statistics of ``weights``' network (or ``model``, a refit of it) fitted on its carve-out ``c``,
+    with one copy of each slice augmented as the weights were trained (``augmented``); returns all of the
+    weights' extras, the OOD ones replaced, and the ``ood`` metadata. ``kwargs`` go to :func:`fit`."""
+    fitted, meta = fit_model(
+        weights.model if model is None else model, c.images, c.labels, c.train_idx, c.val_idx, weights.preprocess,
+        batch_size, augment=training_recipe(weights.metadata) if augmented else None,
+        seed=int((weights.metadata.get("training") or {}).get("seed", 0)), **kwargs,
+    )  # fmt: skip
+    kept = {k: v for k, v in weights.extras.items() if not k.startswith("ood.")}
+    return {**kept, **fitted}, meta
+
+
 def _refit(args: argparse.Namespace) -> int:
     # Imported here: only the CLI needs the dataset and checkpoint machinery.
     from tumor_xai.checkpoint import load_weights, save_weights
@@ -570,20 +587,14 @@ def _refit(args: argparse.Namespace) -> int:
         return 2
     source = "the weights' training config" if c.from_weights else "the default"
     print(f"validation carve-out: {len(c.val_idx)} images ({c.fraction:.0%}, seed {c.seed}, from {source})")
-    extras, meta = fit_model(
-        weights.model,
-        c.images,
-        c.labels,
-        c.train_idx,
-        c.val_idx,
-        weights.preprocess,
+    extras, meta = refit_statistics(
+        weights,
+        c,
         args.batch_size,
+        augmented=not args.no_augment,
         covariance=args.covariance,
         percentile=args.percentile,
-        augment=None if args.no_augment else training_recipe(weights.metadata),
-        seed=int((weights.metadata.get("training") or {}).get("seed", 0)),
     )
-    kept = {k: v for k, v in weights.extras.items() if not k.startswith("ood.")}
     metadata = {
         k: v
         for k, v in weights.metadata.items()
@@ -591,7 +602,7 @@ def _refit(args: argparse.Namespace) -> int:
     }
     metadata["ood"] = meta
     half = weights.metadata.get("storage_dtype") == "float16"
-    save_weights(weights.model, weights.path, metadata, extras={**kept, **extras}, half=half)
+    save_weights(weights.model, weights.path, metadata, extras=extras, half=half)
     print(
         f"OOD threshold {meta['threshold']:.2f} ({args.percentile:g}th percentile of validation distances); wrote {weights.path}"
     )

@@ -100,19 +100,12 @@ def blank_frame(gray: np.ndarray) -> np.ndarray:
     with a much less bright line inside it; the lines from the edge through it are blanked.
     """
     h, w = gray.shape
+    outer = {"top": gray, "bottom": gray[::-1], "left": gray.T, "right": gray.T[::-1]}  # edge line first
     cuts = {}
-    for side, n in (("top", h), ("bottom", h), ("left", w), ("right", w)):
+    for side, lines in outer.items():
+        n = len(lines)
         depth = max(FRAME_MIN_LINES, round(FRAME_DEPTH * n)) + 1
-        if n <= 2 * depth:
-            continue
-        lines = {
-            "top": gray[:depth],
-            "bottom": gray[::-1][:depth],
-            "left": gray[:, :depth].T,
-            "right": gray[:, ::-1][:, :depth].T,
-        }[side]
-        cut = _frame_lines(lines)
-        if cut:
+        if n > 2 * depth and (cut := _frame_lines(lines[:depth])):
             cuts[side] = cut
     if not cuts:
         return gray

@@ -323,20 +323,14 @@ def retrain_head(cfg: HeadConfig) -> dict:
 
 
 def _refit_ood(init: LoadedWeights, model: torch.nn.Module, cfg: HeadConfig) -> tuple[dict, dict]:
-    """The OOD statistics of ``init``'s network fitted again on its carve-out as this code preprocesses it,
-    the other extras kept."""
+    """The OOD statistics of ``init``'s network fitted again on its carve-out as this code preprocesses it
+    (decoded once more: the feature cache holds no images), the other extras kept."""
     from tumor_xai import ood
 
     logger.info(
         "%s was fitted under preprocessing version %d: refitting its OOD statistics", cfg.init, init.preprocess.version
     )
-    c = ood.carve_out(init, Path(cfg.data))
-    fitted, meta = ood.fit_model(
-        model, c.images, c.labels, c.train_idx, c.val_idx, init.preprocess, cfg.batch_size,
-        augment=ood.training_recipe(init.metadata), seed=int((init.metadata.get("training") or {}).get("seed", 0)),
-    )  # fmt: skip
-    kept = {k: v for k, v in init.extras.items() if not k.startswith("ood.")}
-    return {**kept, **fitted}, meta
+    return ood.refit_statistics(init, ood.carve_out(init, Path(cfg.data)), cfg.batch_size, model=model)
 
 
 # --------------------------------------------------------------------------- command line
