@@ -110,6 +110,9 @@ def test_a_retrained_classifier_is_named_after_the_network():
     assert (
         "`python -m tumor_xai.retrain_head`, pull towards the previous classifier 1, chosen on the validation" in line
     )
+    assert "max pooled" not in line
+    meta["pooling"] = "avgmax"
+    assert "refitted on the frozen network's average and max pooled (each channel's" in card._training_line(meta)
 
 
 def test_the_calibration_line_names_its_criterion_when_the_weights_record_one():

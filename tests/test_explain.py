@@ -41,6 +41,25 @@ def test_fast_gradcam_equals_library_gradcam(model, batch):
     np.testing.assert_allclose(fast, library, atol=1e-5)
 
 
+def test_fast_gradcam_equals_library_gradcam_with_an_average_and_max_pooled_classifier(model, batch):
+    """Each channel's maximum passes its gradient to one cell: Grad-CAM's mean gradient is (w_avg + w_max) / hw."""
+    import copy
+
+    from tumor_xai.model import set_pooling
+
+    x, targets = batch
+    both = set_pooling(copy.deepcopy(model), "avgmax")
+    with torch.no_grad():
+        both.fc.weight[:, model.fc.in_features :].normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
+    fast = xai.explain_batch(both, x, targets, method="gradcam", layer="layer4", smooth=0)
+    with GradCAM(model=both, target_layers=[both.layer4[-1]]) as cam:
+        library = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets])
+    assert library.max() > 0.99
+    np.testing.assert_allclose(fast, library, atol=1e-5)
+    plain = xai.explain_batch(model, x, targets, method="gradcam", layer="layer4", smooth=0)
+    assert np.abs(fast - plain).max() > 0.05  # the max half's weights changed the map
+
+
 def test_fast_path_only_for_gradcam_on_the_last_block(model):
     assert xai.is_fast_path(model, "gradcam", "layer4")
     assert xai.is_fast_path(model, "gradcam", "layer4.0")  # the last (only) block, by index

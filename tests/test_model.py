@@ -74,3 +74,34 @@ def test_prepare_is_contrast_invariant_with_percentile_stretch():
     assert torch.allclose(a, b, atol=0.05)  # equal up to uint8 quantisation
     flat, _ = prepare(np.full((64, 64), 0.5, np.float32), cfg)
     assert torch.isfinite(flat).all()
+
+
+def test_an_average_and_max_pooled_classifier_starts_with_the_same_answers_and_round_trips(tmp_path):
+    from tumor_xai.checkpoint import load_weights, save_weights
+    from tumor_xai.model import AvgMaxPool, combine_models, pooling_of, set_pooling
+
+    torch.manual_seed(0)
+    model = build_model("resnet_tiny", 4).eval()
+    x = torch.randn(2, 1, 64, 64)
+    before = model(x)
+    set_pooling(model, "avgmax")
+    assert isinstance(model.avgpool, AvgMaxPool) and model.fc.in_features == 64
+    torch.testing.assert_close(model(x), before)  # the max half starts at zero
+    fmap, logits = features_and_logits(model, x)
+    torch.testing.assert_close(logits, before)
+    with torch.no_grad():
+        model.fc.weight[:, 32:] = 0.1
+    meta = {
+        "arch": "resnet_tiny",
+        "class_names": list("abcd"),
+        "preprocessing": PreprocessConfig(input_size=64).to_dict(),
+    }
+    loaded = load_weights(save_weights(model, tmp_path / "w", meta))
+    assert loaded.metadata["pooling"] == "avgmax" and pooling_of(loaded.model) == "avgmax"
+    torch.testing.assert_close(loaded.model(x), model(x))
+    with pytest.raises(ValueError, match="cannot be turned back"):
+        set_pooling(model, "avg")
+    with pytest.raises(ValueError, match="cannot be combined"):
+        combine_models([model, model])
+    with pytest.raises(ValueError, match="unknown pooling"):
+        build_model("resnet_tiny", 4, pooling="gem")

@@ -55,6 +55,32 @@ def test_a_start_fitted_under_this_version_keeps_its_ood_statistics(retrained, t
         assert after.extras[name].equal(tensor), name
 
 
+@pytest.mark.slow
+def test_an_average_and_max_pooled_refit_keeps_the_network_and_refuses_features_of_another_pooling(
+    retrained, tmp_path, capsys
+):
+    import shutil
+
+    _, first, args = retrained
+    out = tmp_path / "avgmax"
+    argv = ["--init", str(first), *args[2:6], "--out", str(out), "--passes", "1", "--batch-size", "8"]
+    assert main([*argv, "--anchor", "1", "--pooling", "avgmax"]) == 0
+    before, after = load_weights(first), load_weights(out)
+    assert after.metadata["pooling"] == "avgmax" and before.metadata["pooling"] == "avg"
+    assert after.metadata["head_retraining"]["pooling"] == "avgmax"
+    for name, tensor in before.model.state_dict().items():
+        if not name.startswith("fc."):
+            assert after.model.state_dict()[name].equal(tensor), name
+    width = before.model.fc.in_features
+    assert after.model.fc.weight.shape == (4, 2 * width) and after.model.fc.weight[:, width:].abs().sum() > 0
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    shutil.copy(first / "features.pt", stale / "features.pt")  # average-pooled features
+    with pytest.raises(SystemExit):
+        main([*argv[:-6], "--out", str(stale), "--pooling", "avgmax"])
+    assert "another pooling" in capsys.readouterr().err
+
+
 def test_a_second_call_reuses_the_features(retrained):
     _, out, args = retrained
     stamp = (out / "features.pt").stat().st_mtime_ns

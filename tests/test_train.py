@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -53,6 +54,18 @@ def test_resume_continues_from_last_epoch(trained, tiny_dataset, tmp_path):
     shutil.copytree(trained, out)
     assert main(["--data", str(tiny_dataset), "--out", str(out), *SMOKE, "--epochs", "3", "--resume"]) == 0
     assert [e["epoch"] for e in json.loads((out / "log.json").read_text())] == [1, 2, 3]
+
+
+def test_init_refuses_a_refitted_avgmax_classifier_and_names_its_start(trained, tiny_dataset, tmp_path, capsys):
+    import shutil
+
+    from tumor_xai.checkpoint import update_metadata
+
+    refit = Path(shutil.copytree(trained, tmp_path / "refit"))
+    update_metadata(refit, pooling="avgmax", head_retraining={"init": "runs/start"})
+    out = tmp_path / "fine"
+    assert main(["--data", str(tiny_dataset), "--out", str(out), *SMOKE, "--init", str(refit)]) == 2
+    assert "avgmax classifier" in (err := capsys.readouterr().err) and "runs/start" in err and not out.exists()
 
 
 def test_init_fine_tunes_from_weights_and_refuses_a_leaking_split(trained, tiny_dataset, tmp_path, capsys, caplog):

@@ -114,8 +114,14 @@ def _training_line(meta: dict) -> str:
     line = _network_line(meta)
     head = meta.get("head_retraining")
     if head:
+        pooled = (
+            " average and max pooled (each channel's mean and maximum side by side, so that a small lesion is not "
+            "outvoted by the rest of the slice)"
+            if meta.get("pooling") == "avgmax"
+            else ""
+        )
         line += (
-            f" Its classifier (the last linear layer) was then refitted on the frozen network's features of the "
+            f" Its classifier (the last linear layer) was then refitted on the frozen network's{pooled} features of the "
             f"training slices and their lesion-pasted twins ({head.get('n_features')} vectors from "
             f"{head.get('passes')} augmented passes; `python -m tumor_xai.retrain_head`, pull towards the "
             f"previous classifier {head.get('chosen_anchor'):g}, chosen on the validation carve-out)."

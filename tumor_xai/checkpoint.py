@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tumor_xai.model import build_model
+from tumor_xai.model import build_model, pooling_of
 from tumor_xai.preprocess import PreprocessConfig
 
 __all__ = [
@@ -199,6 +199,7 @@ def save_weights(
     meta["format_version"] = FORMAT_VERSION
     meta["num_classes"] = len(meta["class_names"])
     meta.setdefault("in_chans", 1)
+    meta["pooling"] = pooling_of(module)
     meta["weights_sha256"] = digest
     meta["storage_dtype"] = "float16" if half else "float32"
     _write_json(out / METADATA_FILE, meta)
@@ -262,7 +263,11 @@ def load_weights(path: str | Path | None = None, device: str | torch.device = "c
     }
     try:
         model = build_model(
-            meta["arch"], len(meta["class_names"]), in_chans=meta.get("in_chans", 1), members=meta.get("members", 1)
+            meta["arch"],
+            len(meta["class_names"]),
+            in_chans=meta.get("in_chans", 1),
+            members=meta.get("members", 1),
+            pooling=meta.get("pooling", "avg"),
         )
     except ValueError as exc:
         raise WeightsError(_fix(str(exc), folder)) from exc

@@ -51,7 +51,7 @@ def check_members(members: list[LoadedWeights]) -> None:
         meta = w.metadata
         if meta.get("members", 1) != 1:
             raise ValueError(f"{w.path} is an ensemble already: combine its members instead")
-        for key in ("arch", "class_names", "in_chans", "preprocessing"):
+        for key in ("arch", "class_names", "in_chans", "preprocessing", "pooling"):
             if _comparable(key, meta.get(key)) != _comparable(key, ref.get(key)):
                 raise ValueError(f"{w.path} has another {key} than {members[0].path}: {meta.get(key)!r}")
         mine, theirs = meta.get("training") or {}, ref.get("training") or {}
@@ -65,7 +65,10 @@ def check_members(members: list[LoadedWeights]) -> None:
 
 def _comparable(key: str, value):
     """A metadata value as members must share it: the preprocessing without its version (the code applies
-    the current one to every member; the version says what a folder's decision was fitted under)."""
+    the current one to every member; the version says what a folder's decision was fitted under), the
+    pooling with folders older than the key read as ``avg``."""
+    if key == "pooling":
+        return value or "avg"
     if key == "preprocessing" and isinstance(value, dict):
         return {k: v for k, v in value.items() if k != "version"}
     return value

@@ -29,7 +29,7 @@ class Forward:
     """The outputs of :func:`forward`, float32 on the CPU, one row per input square."""
 
     logits: torch.Tensor  # (N, classes)
-    features: torch.Tensor  # (N, C): the global average pool of the last block, the vector fc sees
+    features: torch.Tensor  # (N, C) or (N, 2C): the pooled last block, the vector fc sees
     fmap: torch.Tensor | None = None  # (N, C, h, w): the last block's map, when asked for
     stage_stats: torch.Tensor | None = None  # (N, D): what ``stage_stats`` read from the stage maps, when asked for
 
@@ -41,9 +41,10 @@ def to_input(squares: np.ndarray | torch.Tensor, cfg: PreprocessConfig, channels
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def pooled_features(fmap: torch.Tensor) -> torch.Tensor:
-    """The penultimate features ``(N, C)``, float32: the global average pool of the last block's map."""
-    return fmap.float().mean(dim=(2, 3))
+def pooled_features(model: nn.Module, fmap: torch.Tensor) -> torch.Tensor:
+    """The penultimate features, float32: the model's pool of the last block's map, ``(N, C)`` for the
+    global average, ``(N, 2C)`` for :class:`~tumor_xai.model.AvgMaxPool`."""
+    return torch.flatten(model.avgpool(fmap.float()), 1)
 
 
 def forward_batches(
@@ -88,6 +89,7 @@ def forward(
     ``stage_stats`` what it returns for each stage's map (``(N, D_i)`` or ``None``), concatenated."""
     logits, features, maps, stats = [], [], [], []
     taps: list[torch.Tensor] = []
+    module = model.module if hasattr(model, "module") else model  # unwrap DDP
 
     def tap(stage: int, fmap: torch.Tensor) -> None:
         if (row := stage_stats(stage, fmap)) is not None:
@@ -98,7 +100,7 @@ def forward(
             model, squares, cfg, batch_size, bf16=bf16, channels_last=channels_last, tap=tap if stage_stats else None
         ):
             logits.append(out.float().cpu())
-            features.append(pooled_features(fmap).cpu())
+            features.append(pooled_features(module, fmap).cpu())
             if keep_maps:
                 maps.append(fmap.float().cpu())
             if stage_stats is not None:
@@ -122,7 +124,14 @@ def class_activation_map(
     For a ResNet's global-average-pool + linear head this is Grad-CAM on the last block: the
     gradient of logit ``t`` with respect to the map ``A`` is ``w[t, k] / (h * w)`` at every cell, so
     no backward pass or hook is needed. ``relu=False`` keeps the signed map (the training losses).
+    A classifier on average and max pool (``fc_weight`` twice as wide as the map has channels,
+    :class:`~tumor_xai.model.AvgMaxPool`) gives Grad-CAM the channel weights ``w_avg + w_max``: the max
+    passes the gradient ``w_max[t, k]`` to one cell, so its mean over the cells is ``w_max / (h * w)``.
     """
-    weights = fc_weight.float()[targets.long()]  # (N, K)
+    weights = fc_weight.float()
+    channels = fmap.shape[1]
+    if weights.shape[1] == 2 * channels:
+        weights = weights[:, :channels] + weights[:, channels:]
+    weights = weights[targets.long()]  # (N, K)
     cam = torch.einsum("nkhw,nk->nhw", fmap.float(), weights)
     return cam.clamp_min(0.0) if relu else cam

@@ -6,17 +6,22 @@ import copy
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision import models
 from torchvision.models.resnet import BasicBlock
 
 __all__ = [
     "ARCHITECTURES",
+    "POOLINGS",
+    "AvgMaxPool",
     "average_models",
     "build_model",
     "check_input_size",
     "combine_models",
     "features_and_logits",
+    "pooling_of",
+    "set_pooling",
 ]
 
 
@@ -45,6 +50,48 @@ class TinyResNet(models.ResNet):
         self.fc = nn.Linear(widths[3], num_classes)
 
 
+class AvgMaxPool(nn.Module):
+    """The global average and the global maximum of each channel side by side: ``(N, C, h, w) -> (N, 2C, 1, 1)``.
+
+    A classifier on the average alone weighs how much of the slice looks like each feature, so a small
+    lesion in a slice whose look says "no-tumour collection" is outvoted by the rest of the slice; the
+    maximum says whether any part of it does. Grad-CAM stays a weighted sum of the channels: the mean
+    gradient of a logit over the cells is ``(w_avg + w_max) / (h * w)`` (the maximum passes its gradient
+    to one cell), see :func:`tumor_xai.inference.class_activation_map`.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([F.adaptive_avg_pool2d(x, 1), F.adaptive_max_pool2d(x, 1)], dim=1)
+
+
+# How the last block's map becomes the classifier's input (metadata key ``pooling``).
+POOLINGS = ("avg", "avgmax")
+
+
+def pooling_of(model: nn.Module) -> str:
+    """The :data:`POOLINGS` name of ``model``'s head."""
+    return "avgmax" if isinstance(model.avgpool, AvgMaxPool) else "avg"
+
+
+def set_pooling(model: nn.Module, pooling: str) -> nn.Module:
+    """Give ``model`` (in place) the ``pooling`` head. Going from ``avg`` to ``avgmax`` keeps the classifier's
+    answers: its weights become ``[W, 0]`` (the maximum's half starts at zero)."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}; choose one of {list(POOLINGS)}")
+    current = pooling_of(model)
+    if pooling == current:
+        return model
+    if pooling == "avg":
+        raise ValueError("an avgmax classifier cannot be turned back into an avg one")
+    old = model.fc
+    model.avgpool = AvgMaxPool()
+    model.fc = nn.Linear(2 * old.in_features, old.out_features).to(old.weight.device, old.weight.dtype)
+    with torch.no_grad():
+        model.fc.weight.copy_(torch.cat([old.weight, torch.zeros_like(old.weight)], dim=1))
+        model.fc.bias.copy_(old.bias)
+    return model
+
+
 # Name -> (constructor, ImageNet weights or None).
 ARCHITECTURES = {
     "resnet18": (models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1),
@@ -65,14 +112,26 @@ def check_input_size(size: int) -> None:
 
 
 def build_model(
-    arch: str = "resnet18", num_classes: int = 4, in_chans: int = 1, pretrained: str | None = None, members: int = 1
+    arch: str = "resnet18",
+    num_classes: int = 4,
+    in_chans: int = 1,
+    pretrained: str | None = None,
+    members: int = 1,
+    pooling: str = "avg",
 ) -> nn.Module:
     """A torchvision ResNet with ``in_chans`` input channels and ``num_classes`` outputs.
 
     ``pretrained="imagenet"`` downloads torchvision's ImageNet weights (internet needed) and folds
     the RGB stem into one channel by summing it; the default trains from scratch. ``members`` > 1 builds
     the shape of :func:`combine_models` of that many such networks (to load an ensemble's weights into).
+    ``pooling="avgmax"`` gives it the :class:`AvgMaxPool` head (see :func:`set_pooling`).
     """
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}; choose one of {list(POOLINGS)}")
+    if pooling != "avg":
+        if members > 1:
+            raise ValueError("networks with an avgmax classifier cannot be combined side by side")
+        return set_pooling(build_model(arch, num_classes, in_chans, pretrained), pooling)
     if members > 1:
         one = build_model(arch, num_classes, in_chans)
         return combine_models([one] * members)
@@ -140,6 +199,8 @@ def combine_models(models: list[nn.Module]) -> nn.Module:
     """
     if not models:
         raise ValueError("combine_models needs at least one model")
+    if any(isinstance(m.avgpool, AvgMaxPool) for m in models):
+        raise ValueError("networks with an avgmax classifier cannot be combined side by side (average them instead)")
     n = len(models)
     named = [dict(m.named_modules()) for m in models]
     if any(set(d) != set(named[0]) for d in named):

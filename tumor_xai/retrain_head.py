@@ -43,7 +43,7 @@ from tumor_xai import inference
 from tumor_xai.augment import PRESETS, AugmentConfig
 from tumor_xai.calibration import fit_decision
 from tumor_xai.checkpoint import LoadedWeights, load_weights, save_weights
-from tumor_xai.model import features_and_logits
+from tumor_xai.model import POOLINGS, features_and_logits, set_pooling
 from tumor_xai.preprocess import PREPROCESSING_VERSION, refitted_under_current
 
 __all__ = ["HeadConfig", "extract_twin_features", "fit_head", "main", "retrain_head"]
@@ -65,6 +65,7 @@ class HeadConfig:
     anchors: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0, 2.0, 5.0, 10.0)
     max_lost: int = 1  # validation images the result may get wrong beyond the starting weights' errors
     label_smoothing: float = 0.1
+    pooling: str = "avg"  # the refitted classifier's input: "avgmax" adds each channel's maximum (model.AvgMaxPool)
     batch_size: int = 64
     seed: int = 0
     half: bool = False
@@ -103,7 +104,7 @@ def _train_config(init: LoadedWeights, cfg: HeadConfig):
 def _pooled(model: torch.nn.Module, x: torch.Tensor, bf16: bool) -> torch.Tensor:
     with torch.inference_mode(), torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=bf16):
         fmap, _ = features_and_logits(model, x)
-    return inference.pooled_features(fmap)
+    return inference.pooled_features(model, fmap)
 
 
 def _twin_passes(ctx, model, split, passes: int, aug: AugmentConfig, seed: int) -> tuple[torch.Tensor, ...]:
@@ -268,12 +269,15 @@ def retrain_head(cfg: HeadConfig) -> dict:
     negative = init.decision.negative_index
     if negative is None:
         raise ValueError(f"{cfg.init} has no no-tumour class to paste lesions into")
+    set_pooling(init.model, cfg.pooling)  # avg -> avgmax keeps the answers: the max half starts at zero
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "features.pt"
     if cache.is_file():
         feats = TwinFeatures.load(cache)
         logger.info("features from %s", cache)
+        if feats.train_x.shape[1] != init.model.fc.in_features:
+            raise ValueError(f"{cache} holds features of another pooling than {cfg.pooling!r}: delete it")
     else:
         feats = extract_twin_features(init, cfg)
         feats.save(cache)
@@ -352,6 +356,12 @@ def main(argv: list[str] | None = None) -> int:
         help="pull strengths towards the start, tried in turn",
     )
     p.add_argument("--max-lost", type=int, default=d.max_lost, help="validation images the choice may lose")
+    p.add_argument(
+        "--pooling",
+        choices=POOLINGS,
+        default=d.pooling,
+        help="the classifier's input: the last block's average pool, or average and max pool side by side",
+    )
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--half", action="store_true", help="store float16 tensors (half the file size)")
@@ -375,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         paste_donors=args.paste_donors,
         anchors=anchors,
         max_lost=args.max_lost,
+        pooling=args.pooling,
         batch_size=args.batch_size,
         seed=args.seed,
         half=args.half,

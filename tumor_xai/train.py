@@ -234,6 +234,12 @@ def check_init(cfg: TrainConfig) -> None:
             f"--init {cfg.init} is an ensemble of {meta['members']} networks (python -m tumor_xai.ensemble): "
             f"fine-tune one of its members ({', '.join(map(str, members)) or 'see its model.json'}) instead"
         )
+    if meta.get("pooling", "avg") != "avg":
+        head = meta.get("head_retraining") or {}
+        raise ValueError(
+            f"--init {cfg.init} has a {meta['pooling']} classifier (python -m tumor_xai.retrain_head --pooling): "
+            f"fine-tune the network it was refitted from ({head.get('init') or 'see its model.json'}) instead"
+        )
     trained = meta.get("training") or {}
     theirs, ours = carve_out_seed(trained), carve_out_seed(vars(cfg))
     if theirs != ours:
