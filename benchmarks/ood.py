@@ -258,8 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         f"  official Testing without its {len(test_rows) - len(mri_rows)} head CT slices ({len(mri_rows)}, "
         f"{TESTING_CT.name}): flagged {mri_flagged / len(mri_rows):.2%} ({mri_flagged})"
     )
-    ok = as_file >= 0.95 and pixels_only >= 0.95 and test_rate <= 0.01
-    print(f"  bars (>= 95 % non-brain flagged, <= 1 % Testing flagged): {'met' if ok else 'NOT met'}")
+    # The Testing bar counts its MRI slices: refusing the head CT slices the Kaggle split holds is right.
+    ok = as_file >= 0.95 and pixels_only >= 0.95 and mri_flagged / len(mri_rows) <= 0.01
+    print(f"  bars (>= 95 % non-brain flagged, <= 1 % of Testing's MRI slices flagged): {'met' if ok else 'NOT met'}")
     bars = {"head CT": (lambda r: r >= 0.95, ">= 95 %"), "other MRI": (lambda r: r <= 0.02, "<= 2 %")}
     for name, (rate, n, flagged) in folders.items():
         meets, bar = bars[name]
