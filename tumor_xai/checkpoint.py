@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tumor_xai.model import build_model, pooling_of
+from tumor_xai.model import build_model, pooling_of, unwrap
 from tumor_xai.preprocess import PreprocessConfig
 
 __all__ = [
@@ -177,7 +177,7 @@ def save_weights(
             raise ValueError(f"metadata needs {key!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    module = model.module if hasattr(model, "module") else model  # unwrap DDP
+    module = unwrap(model)
     tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     if half:
         tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}

@@ -31,7 +31,7 @@ from tumor_xai import inference, ood
 from tumor_xai.calibration import fit_decision
 from tumor_xai.checkpoint import NEGATIVE_CLASS, LoadedWeights, load_weights, save_weights
 from tumor_xai.data import carve_out_seed, split_train_val
-from tumor_xai.model import average_models, combine_models
+from tumor_xai.model import average_models, combine_models, pooling_of
 from tumor_xai.preprocess import refitted_under_current
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,9 @@ def check_members(members: list[LoadedWeights]) -> None:
         meta = w.metadata
         if meta.get("members", 1) != 1:
             raise ValueError(f"{w.path} is an ensemble already: combine its members instead")
-        for key in ("arch", "class_names", "in_chans", "preprocessing", "pooling"):
+        if pooling_of(w.model) != pooling_of(members[0].model):
+            raise ValueError(f"{w.path} has another pooling than {members[0].path}: {pooling_of(w.model)!r}")
+        for key in ("arch", "class_names", "in_chans", "preprocessing"):
             if _comparable(key, meta.get(key)) != _comparable(key, ref.get(key)):
                 raise ValueError(f"{w.path} has another {key} than {members[0].path}: {meta.get(key)!r}")
         mine, theirs = meta.get("training") or {}, ref.get("training") or {}
@@ -65,10 +67,7 @@ def check_members(members: list[LoadedWeights]) -> None:
 
 def _comparable(key: str, value):
     """A metadata value as members must share it: the preprocessing without its version (the code applies
-    the current one to every member; the version says what a folder's decision was fitted under), the
-    pooling with folders older than the key read as ``avg``."""
-    if key == "pooling":
-        return value or "avg"
+    the current one to every member; the version says what a folder's decision was fitted under)."""
     if key == "preprocessing" and isinstance(value, dict):
         return {k: v for k, v in value.items() if k != "version"}
     return value

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tumor_xai.model import features_and_logits
+from tumor_xai.model import features_and_logits, unwrap
 from tumor_xai.preprocess import PreprocessConfig, normalize_quantized
 
 __all__ = ["Forward", "class_activation_map", "forward", "forward_batches", "pooled_features", "to_input"]
@@ -63,7 +63,7 @@ def forward_batches(
     collects the outputs. ``bf16`` autocasts on the model's device type, as training does; ``tap``
     sees each stage's map (see :func:`tumor_xai.model.features_and_logits`).
     """
-    module = model.module if hasattr(model, "module") else model  # unwrap DDP
+    module = unwrap(model)
     module.eval()
     device = next(module.parameters()).device
     for start in range(0, len(squares), batch_size):
@@ -89,7 +89,7 @@ def forward(
     ``stage_stats`` what it returns for each stage's map (``(N, D_i)`` or ``None``), concatenated."""
     logits, features, maps, stats = [], [], [], []
     taps: list[torch.Tensor] = []
-    module = model.module if hasattr(model, "module") else model  # unwrap DDP
+    module = unwrap(model)
 
     def tap(stage: int, fmap: torch.Tensor) -> None:
         if (row := stage_stats(stage, fmap)) is not None:

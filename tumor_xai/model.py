@@ -22,6 +22,7 @@ __all__ = [
     "features_and_logits",
     "pooling_of",
     "set_pooling",
+    "unwrap",
 ]
 
 
@@ -66,6 +67,11 @@ class AvgMaxPool(nn.Module):
 
 # How the last block's map becomes the classifier's input (metadata key ``pooling``).
 POOLINGS = ("avg", "avgmax")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The network inside a DistributedDataParallel wrapper (``model`` itself when not wrapped)."""
+    return model.module if hasattr(model, "module") else model
 
 
 def pooling_of(model: nn.Module) -> str:
@@ -126,9 +132,7 @@ def build_model(
     the shape of :func:`combine_models` of that many such networks (to load an ensemble's weights into).
     ``pooling="avgmax"`` gives it the :class:`AvgMaxPool` head (see :func:`set_pooling`).
     """
-    if pooling not in POOLINGS:
-        raise ValueError(f"unknown pooling {pooling!r}; choose one of {list(POOLINGS)}")
-    if pooling != "avg":
+    if pooling != "avg":  # set_pooling checks the name
         if members > 1:
             raise ValueError("networks with an avgmax classifier cannot be combined side by side")
         return set_pooling(build_model(arch, num_classes, in_chans, pretrained), pooling)
@@ -199,7 +203,7 @@ def combine_models(models: list[nn.Module]) -> nn.Module:
     """
     if not models:
         raise ValueError("combine_models needs at least one model")
-    if any(isinstance(m.avgpool, AvgMaxPool) for m in models):
+    if any(pooling_of(m) != "avg" for m in models):
         raise ValueError("networks with an avgmax classifier cannot be combined side by side (average them instead)")
     n = len(models)
     named = [dict(m.named_modules()) for m in models]

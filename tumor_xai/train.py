@@ -50,7 +50,7 @@ from tumor_xai import __version__, attention, inference
 from tumor_xai.augment import PRESETS, AugmentConfig, augment, augment_pair, head_region, paste_lesions
 from tumor_xai.checkpoint import NEGATIVE_CLASS, atomic_write_bytes, load_weights, save_weights
 from tumor_xai.data import DataError, DecodedSplit, carve_out_seed, decode_samples, discover, split_train_val
-from tumor_xai.model import ARCHITECTURES, build_model, check_input_size, features_and_logits
+from tumor_xai.model import ARCHITECTURES, build_model, check_input_size, features_and_logits, unwrap
 from tumor_xai.preprocess import PreprocessConfig, normalize
 from tumor_xai.schedule import Schedule, parse_duration
 
@@ -769,7 +769,7 @@ def train_one_epoch(
     if schedule is None:
         schedule = Schedule(cfg.epochs, math.ceil(len(data) / cfg.batch_size), 1, full_size=cfg.image_size)
     model.train()
-    base = (model.module if hasattr(model, "module") else model).model
+    base = unwrap(model).model
     for module in frozen_modules(base, cfg.freeze_through):
         module.eval()  # frozen BatchNorm keeps its statistics
     mine = shard_order(ctx, len(data), epoch)
