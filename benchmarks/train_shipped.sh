@@ -6,6 +6,7 @@
 #
 #     bash benchmarks/train_shipped.sh [DATA] [MASKS] [RUNS]
 #     BASE=runs/base bash benchmarks/train_shipped.sh   # fine-tune only, from a base weights folder (80 min)
+#     POOLING=avgmax ...                                # fine-tune and refit a classifier on average + max pooling
 #
 # Defaults: ../shared/data/brain-tumor-mri, ../shared/data/brain-tumor-mri-masks, runs/shipped.
 # The base weights are the previous shipped model (git show 914f2c2:weights/model.safetensors and
@@ -17,6 +18,7 @@ DATA=${1:-../shared/data/brain-tumor-mri}
 MASKS=${2:-../shared/data/brain-tumor-mri-masks}
 RUNS=${3:-runs/shipped}
 PYTHON=${PYTHON:-python}
+POOLING=${POOLING:-avg}
 EXTERNAL=(--external ../shared/data/br35h-tumour-dev --external .data/tcia-slices)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
@@ -47,7 +49,7 @@ fi
 # the donor lesion's class drawn evenly.
 OUT="$RUNS/twins"
 run "$OUT" "${common[@]}" --init "$BASE" --cam-warmup-epochs 0 --epochs 40 --time-budget 80m --lr 0.02 \
-  --warmup-epochs 1 --lesion-paste 0.7 --paste-twins --paste-donors balanced
+  --warmup-epochs 1 --lesion-paste 0.7 --paste-twins --paste-donors balanced --pooling "$POOLING"
 
 # The shipped weights: 0.7 of the base and 0.3 of the fine-tune, averaged in weight space (the fine-tune
 # alone loses 4-10 validation images; the average keeps the base's accuracy and half the collection gain).
@@ -59,7 +61,7 @@ SOUP="$RUNS/soup30"
 # (4 augmented passes, about 10 min on 2 cores); the pull towards the average's classifier is chosen on validation.
 HEAD="$RUNS/head"
 [ -f "$HEAD/model.json" ] || "$PYTHON" -m tumor_xai.retrain_head --init "$SOUP" --data "$DATA" --masks "$MASKS" \
-  --out "$HEAD" --half
+  --out "$HEAD" --half --pooling "$POOLING"
 
 # Each step against the one it extends, on validation (and on the other collections): the average against the
 # base, the refitted classifier against the average. Only a candidate that passes both replaces weights/

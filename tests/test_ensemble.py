@@ -110,6 +110,35 @@ def test_the_cli_averages_weights_into_one_network_and_records_the_mix(tiny_data
         ensemble.main(["--data", str(tiny_dataset), "--out", str(out), "--mix", "0.5,0.5", str(a), str(b)])
 
 
+def test_an_average_pooled_member_averages_with_an_avgmax_fine_tune_but_not_side_by_side(tiny_dataset, tmp_path):
+    from tumor_xai.checkpoint import save_weights
+    from tumor_xai.model import pooling_of, set_pooling
+
+    a = make_weights(tmp_path / "a", seed=0, training=CARVE_OUT)
+    torch.manual_seed(1)
+    fine = set_pooling(build_model("resnet_tiny"), "avgmax")
+    with torch.no_grad():
+        fine.fc.weight.normal_()  # the maximum's half weighs something
+    b = save_weights(
+        fine, tmp_path / "b", {**json.loads((a / "model.json").read_text()), "training": {**CARVE_OUT, "init": str(a)}}
+    )
+    members = [load_weights(a), load_weights(b)]
+    with pytest.raises(ValueError, match="another pooling"):
+        ensemble.check_members(members)
+    ensemble.check_members(members, "weights")
+    out = tmp_path / "soup"
+    argv = ["--data", str(tiny_dataset), "--out", str(out), "--combine", "weights", "--mix", "0.7,0.3", str(a), str(b)]
+    assert ensemble.main(argv) == 0
+    soup = load_weights(out)
+    start = set_pooling(load_weights(a).model.float(), "avgmax")  # its maximum weighs zero: same answers
+    expected = average_models([start, load_weights(b).model.float()], [0.7, 0.3]).eval()
+    x = inference.to_input(torch.randint(0, 255, (1, 64, 64), dtype=torch.uint8), soup.preprocess)
+    with torch.no_grad():
+        assert pooling_of(soup.model) == "avgmax" and soup.metadata["pooling"] == "avgmax"
+        torch.testing.assert_close(soup.model.float()(x), expected(x), atol=1e-4, rtol=0)
+        torch.testing.assert_close(start(x), load_weights(a).model.float()(x), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize(
     ("combine", "mix", "message"),
     [

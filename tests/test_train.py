@@ -7,7 +7,6 @@ import logging
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -56,16 +55,27 @@ def test_resume_continues_from_last_epoch(trained, tiny_dataset, tmp_path):
     assert [e["epoch"] for e in json.loads((out / "log.json").read_text())] == [1, 2, 3]
 
 
-def test_init_refuses_a_refitted_avgmax_classifier_and_names_its_start(trained, tiny_dataset, tmp_path, capsys):
-    import shutil
+def test_pooling_avgmax_fine_tunes_an_average_pooled_start_and_stays_avgmax(trained, tiny_dataset, tmp_path, capsys):
+    from tumor_xai.checkpoint import load_weights
+    from tumor_xai.model import pooling_of
 
-    from tumor_xai.checkpoint import update_metadata
-
-    refit = Path(shutil.copytree(trained, tmp_path / "refit"))
-    update_metadata(refit, pooling="avgmax", head_retraining={"init": "runs/start"})
-    out = tmp_path / "fine"
-    assert main(["--data", str(tiny_dataset), "--out", str(out), *SMOKE, "--init", str(refit)]) == 2
-    assert "avgmax classifier" in (err := capsys.readouterr().err) and "runs/start" in err and not out.exists()
+    out = tmp_path / "amx"
+    args = ["--data", str(tiny_dataset), *SMOKE, "--pooling", "avgmax"]
+    assert main([*args, "--out", str(out), "--init", str(trained)]) == 0
+    loaded = load_weights(out)
+    assert pooling_of(loaded.model) == "avgmax" and loaded.metadata["training"]["pooling"] == "avgmax"
+    assert loaded.model.fc.in_features == 2 * load_weights(trained).model.fc.in_features
+    pred = Predictor.from_pretrained(out).predict(next((tiny_dataset / "Testing" / "glioma").iterdir()), explain=True)
+    assert abs(sum(pred.probabilities.values()) - 1) < 1e-5 and pred.heatmap is not None
+    capsys.readouterr()
+    # An avgmax start cannot lose its maximum, and a run resumes with the pooling it was trained with.
+    back = tmp_path / "back"
+    assert main(["--data", str(tiny_dataset), *SMOKE, "--out", str(back), "--init", str(out)]) == 2
+    assert "pass --pooling avgmax" in capsys.readouterr().err and not back.exists()
+    assert main(["--data", str(tiny_dataset), *SMOKE, "--out", str(out), "--epochs", "2", "--resume"]) == 2
+    assert "resume it with --pooling avgmax" in capsys.readouterr().err
+    assert main([*args, "--out", str(out), "--epochs", "2", "--resume"]) == 0
+    assert pooling_of(load_weights(out).model) == "avgmax"
 
 
 def test_init_fine_tunes_from_weights_and_refuses_a_leaking_split(trained, tiny_dataset, tmp_path, capsys, caplog):

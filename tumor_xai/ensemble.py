@@ -31,7 +31,7 @@ from tumor_xai import inference, ood
 from tumor_xai.calibration import fit_decision
 from tumor_xai.checkpoint import NEGATIVE_CLASS, LoadedWeights, load_weights, save_weights
 from tumor_xai.data import carve_out_seed, split_train_val
-from tumor_xai.model import average_models, combine_models, pooling_of
+from tumor_xai.model import average_models, combine_models, pooling_of, set_pooling
 from tumor_xai.preprocess import refitted_under_current
 
 logger = logging.getLogger(__name__)
@@ -42,8 +42,11 @@ COMBINE = {
 }
 
 
-def check_members(members: list[LoadedWeights]) -> None:
-    """Raise ``ValueError`` (naming the folder and the difference) unless the members can be combined."""
+def check_members(members: list[LoadedWeights], combine: str = "logits") -> None:
+    """Raise ``ValueError`` (naming the folder and the difference) unless the members can be combined.
+
+    Averaged in weight space (``combine="weights"``), an average-pooled member may join avgmax ones: it
+    becomes one without changing its answers (:func:`tumor_xai.model.set_pooling`)."""
     if len(members) < 2:
         raise ValueError("an ensemble needs at least two weights folders")
     ref = members[0].metadata
@@ -51,7 +54,7 @@ def check_members(members: list[LoadedWeights]) -> None:
         meta = w.metadata
         if meta.get("members", 1) != 1:
             raise ValueError(f"{w.path} is an ensemble already: combine its members instead")
-        if pooling_of(w.model) != pooling_of(members[0].model):
+        if combine != "weights" and pooling_of(w.model) != pooling_of(members[0].model):
             raise ValueError(f"{w.path} has another pooling than {members[0].path}: {pooling_of(w.model)!r}")
         for key in ("arch", "class_names", "in_chans", "preprocessing"):
             if _comparable(key, meta.get(key)) != _comparable(key, ref.get(key)):
@@ -103,7 +106,7 @@ def build_ensemble(
     (uint8 squares ``(N, S, S)``, labels, thumbnails as :func:`tumor_xai.data.split_train_val` takes them).
     ``combine`` is ``"logits"`` (the members side by side) or ``"weights"`` (their parameters averaged,
     each with its ``mix`` share)."""
-    check_members(members)
+    check_members(members, combine)
     check_mix(combine, mix, len(members))
     if combine == "weights" and not any((w.metadata.get("training") or {}).get("init") for w in members):
         logger.warning("none of the members is a fine-tune (--init): averaging networks trained apart gives noise")
@@ -113,6 +116,8 @@ def build_ensemble(
     if len(val_idx) == 0:
         raise ValueError("the members kept out no validation carve-out: nothing to calibrate the ensemble on")
     nets = [w.model.float().eval() for w in members]
+    if combine == "weights" and any(pooling_of(n) == "avgmax" for n in nets):
+        nets = [set_pooling(n, "avgmax") for n in nets]  # an avg member's maximum weighs zero: its answers hold
     model = (combine_models(nets) if combine == "logits" else average_models(nets, mix)).eval()
     names = list(ref.metadata["class_names"])
     negative = names.index(NEGATIVE_CLASS) if NEGATIVE_CLASS in names else None
@@ -175,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         members = [load_weights(m) for m in args.members]
-        check_members(members)
+        check_members(members, args.combine)
         mix = [float(x) for x in args.mix.split(",")] if args.mix else None
         check_mix(args.combine, mix, len(members))  # before the data set is decoded, which takes a minute
     except (ValueError, OSError) as exc:

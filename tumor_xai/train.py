@@ -50,7 +50,16 @@ from tumor_xai import __version__, attention, inference
 from tumor_xai.augment import PRESETS, AugmentConfig, augment, augment_pair, head_region, paste_lesions
 from tumor_xai.checkpoint import NEGATIVE_CLASS, atomic_write_bytes, load_weights, save_weights
 from tumor_xai.data import DataError, DecodedSplit, carve_out_seed, decode_samples, discover, split_train_val
-from tumor_xai.model import ARCHITECTURES, build_model, check_input_size, features_and_logits, unwrap
+from tumor_xai.model import (
+    ARCHITECTURES,
+    POOLINGS,
+    build_model,
+    check_input_size,
+    features_and_logits,
+    pooling_of,
+    set_pooling,
+    unwrap,
+)
 from tumor_xai.preprocess import PreprocessConfig, normalize
 from tumor_xai.schedule import Schedule, parse_duration
 
@@ -108,6 +117,7 @@ class TrainConfig:
     low_res_size: int = 0  # progressive resizing: train at this size (growing to 1.25x) before the full size
     full_res_fraction: float = 0.25  # with low_res_size: the last share of the run at the full size
     freeze_through: str = "none"  # keep the stem and the stages up to this one fixed (see FREEZE_STAGES)
+    pooling: str = "avg"  # the classifier's input (tumor_xai.model.POOLINGS): "avgmax" adds each channel's maximum
 
 
 # --------------------------------------------------------------------------- set-up
@@ -187,11 +197,15 @@ def check_config(cfg: TrainConfig) -> None:
         if not (out / "last" / "train_state.pt").is_file():
             raise ValueError(f"--resume: {out}/last/train_state.pt not found; start without --resume")
         try:
-            kept = json.loads((out / "config.json").read_text()).get("ema", 0.0)
+            saved = json.loads((out / "config.json").read_text())
         except (OSError, ValueError):
-            kept = None
+            saved = None
+        kept = None if saved is None else saved.get("ema", 0.0)
         if kept is not None and (kept > 0) != (cfg.ema > 0):
             raise ValueError(f"--resume: {out} was trained with --ema {kept}; resume it with --ema {kept}")
+        pooled = None if saved is None else saved.get("pooling", "avg")
+        if pooled is not None and pooled != cfg.pooling:
+            raise ValueError(f"--resume: {out} was trained with --pooling {pooled}; resume it with --pooling {pooled}")
     elif out.exists() and any(out.iterdir()):
         raise ValueError(f"output folder {out} is not empty; choose a new --out or pass --resume")
 
@@ -234,11 +248,10 @@ def check_init(cfg: TrainConfig) -> None:
             f"--init {cfg.init} is an ensemble of {meta['members']} networks (python -m tumor_xai.ensemble): "
             f"fine-tune one of its members ({', '.join(map(str, members)) or 'see its model.json'}) instead"
         )
-    if meta.get("pooling", "avg") != "avg":
-        head = meta.get("head_retraining") or {}
+    if meta.get("pooling", "avg") != "avg" and cfg.pooling == "avg":
         raise ValueError(
-            f"--init {cfg.init} has a {meta['pooling']} classifier (python -m tumor_xai.retrain_head --pooling): "
-            f"fine-tune the network it was refitted from ({head.get('init') or 'see its model.json'}) instead"
+            f"--init {cfg.init} has a {meta['pooling']} classifier, which cannot become an average-pooled one: "
+            f"pass --pooling {meta['pooling']}"
         )
     trained = meta.get("training") or {}
     theirs, ours = carve_out_seed(trained), carve_out_seed(vars(cfg))
@@ -502,9 +515,11 @@ def create_model(ctx: RunContext, run: RunData) -> nn.Module:
             raise ValueError(
                 f"--init {cfg.init} was trained on other data (fingerprint differs): its split would not hold"
             )
+        set_pooling(model, pooling_of(start.model))
         model.load_state_dict({k: v.float() for k, v in start.model.state_dict().items()})
         if ctx.main_process:
             logger.info("starting from %s", cfg.init)
+    set_pooling(model, cfg.pooling)  # avg -> avgmax keeps the start's answers: the maximum's weights start at zero
     if freeze(model, cfg.freeze_through) and ctx.main_process:
         logger.info("frozen through %s: training %s", cfg.freeze_through, _trainable_summary(model))
     return model.to(ctx.device).to(memory_format=torch.channels_last)
@@ -1183,6 +1198,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         type=float,
         default=d.ema,
         help="keep a moving average of the weights with this decay per step (e.g. 0.998) and ship it (0: off)",
+    )
+    p.add_argument(
+        "--pooling",
+        default=d.pooling,
+        choices=POOLINGS,
+        help="the classifier's input: each layer4 channel's average (avg), or its average and maximum side by side "
+        "(avgmax: a small lesion is not outvoted by the rest of the slice); from avg --init weights the maximum's "
+        "weights start at zero",
     )
     _add_guidance_arguments(p.add_argument_group("augmentation and attention guidance"), d)
     return p
