@@ -113,6 +113,8 @@ def test_a_retrained_classifier_is_named_after_the_network():
     assert "max pooled" not in line
     meta["pooling"] = "avgmax"
     assert "refitted on the frozen network's average and max pooled (each channel's" in card._training_line(meta)
+    assert "--pooling avgmax" not in card._recipe(meta["training"])
+    assert "maximum (`--pooling avgmax`)" in card._recipe({**meta["training"], "pooling": "avgmax"})
 
 
 def test_the_calibration_line_names_its_criterion_when_the_weights_record_one():

@@ -96,6 +96,8 @@ def _recipe(t: dict, cost: dict | None = None) -> str:
         recipe.append(f"CAM-in-mask loss (weight {t['cam_loss_weight']:g})")
     if t.get("lesion_paste"):
         recipe.append(f"lesion paste (`--lesion-paste {t['lesion_paste']:g}`)")
+    if t.get("pooling") == "avgmax":
+        recipe.append("a classifier on each channel's average and maximum (`--pooling avgmax`)")
     if t.get("time_budget"):
         size = f", 128-160 px then {t.get('image_size', 224)} px" if t.get("low_res_size") else ""
         device = {"cuda": "one GPU", "cpu": "CPU"}.get(t.get("device"), t.get("device", "?"))
