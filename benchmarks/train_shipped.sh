@@ -7,6 +7,7 @@
 #     bash benchmarks/train_shipped.sh [DATA] [MASKS] [RUNS]
 #     BASE=runs/base bash benchmarks/train_shipped.sh   # fine-tune only, from a base weights folder (80 min)
 #     POOLING=avgmax ...                                # fine-tune and refit a classifier on average + max pooling
+#     FT_LR=0.01 ...                                    # the fine-tune's peak learning rate (default 0.02)
 #
 # Defaults: ../shared/data/brain-tumor-mri, ../shared/data/brain-tumor-mri-masks, runs/shipped.
 # The base weights are the previous shipped model (git show 914f2c2:weights/model.safetensors and
@@ -19,6 +20,7 @@ MASKS=${2:-../shared/data/brain-tumor-mri-masks}
 RUNS=${3:-runs/shipped}
 PYTHON=${PYTHON:-python}
 POOLING=${POOLING:-avg}
+FT_LR=${FT_LR:-0.02}  # the collection fine-tune's peak learning rate
 EXTERNAL=(--external ../shared/data/br35h-tumour-dev --external .data/tcia-slices)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
@@ -48,7 +50,7 @@ fi
 # a lesion pasted into 70 % of the no-tumour slices drawn, each pasted slice added beside its original,
 # the donor lesion's class drawn evenly.
 OUT="$RUNS/twins"
-run "$OUT" "${common[@]}" --init "$BASE" --cam-warmup-epochs 0 --epochs 40 --time-budget 80m --lr 0.02 \
+run "$OUT" "${common[@]}" --init "$BASE" --cam-warmup-epochs 0 --epochs 40 --time-budget 80m --lr "$FT_LR" \
   --warmup-epochs 1 --lesion-paste 0.7 --paste-twins --paste-donors balanced --pooling "$POOLING"
 
 # The shipped weights: 0.7 of the base and 0.3 of the fine-tune, averaged in weight space (the fine-tune

@@ -5,11 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from pytorch_grad_cam import GradCAM
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from tumor_xai import explain as xai
 from tumor_xai.model import build_model
+
+
+def library_cam(method: str, model, layer, x, targets) -> np.ndarray:
+    """pytorch-grad-cam's own map (imported here: it loads scikit-learn, which collecting the tests need not)."""
+    import pytorch_grad_cam
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    with getattr(pytorch_grad_cam, method)(model=model, target_layers=[layer]) as cam:
+        return cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets])
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +41,7 @@ def batch():
 def test_fast_gradcam_equals_library_gradcam(model, batch):
     x, targets = batch
     fast = xai.explain_batch(model, x, targets, method="gradcam", layer="layer4", smooth=0)
-    with GradCAM(model=model, target_layers=[model.layer4[-1]]) as cam:
-        library = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets])
+    library = library_cam("GradCAM", model, model.layer4[-1], x, targets)
     assert fast.shape == library.shape == (3, 64, 64)
     assert library.max() > 0.99  # a real, non-flat map, so the comparison means something
     np.testing.assert_allclose(fast, library, atol=1e-5)
@@ -52,8 +58,7 @@ def test_fast_gradcam_equals_library_gradcam_with_an_average_and_max_pooled_clas
     with torch.no_grad():
         both.fc.weight[:, model.fc.in_features :].normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
     fast = xai.explain_batch(both, x, targets, method="gradcam", layer="layer4", smooth=0)
-    with GradCAM(model=both, target_layers=[both.layer4[-1]]) as cam:
-        library = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets])
+    library = library_cam("GradCAM", both, both.layer4[-1], x, targets)
     assert library.max() > 0.99
     np.testing.assert_allclose(fast, library, atol=1e-5)
     plain = xai.explain_batch(model, x, targets, method="gradcam", layer="layer4", smooth=0)
@@ -157,6 +162,7 @@ def test_overlay_rejects_bad_options_and_shows_heat_when_no_head_is_found():
 
 def test_scorecam_matches_the_library_when_every_channel_is_scored(model, batch):
     from pytorch_grad_cam import ScoreCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     x, targets = batch[0][:2], batch[1][:2]
     layer = model.layer3[-1]

@@ -13,7 +13,6 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.optimize import brentq, minimize_scalar
 
 __all__ = [
     "MAX_TEMPERATURE",
@@ -64,6 +63,8 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     minimum without the step-size tuning LBFGS needs; it is done in float64 for a stable answer.
     A result at a bound is logged as a warning (the validation set cannot pin the temperature down).
     """
+    from scipy.optimize import minimize_scalar  # SciPy loads when a temperature is fitted, not with the package
+
     logits, labels = _checked(logits, labels)
 
     def objective(log_t: float) -> float:
@@ -114,6 +115,8 @@ def fit_confidence_temperature(logits: torch.Tensor, labels: torch.Tensor) -> fl
         temperature = MIN_TEMPERATURE if gap(lo) <= 0.0 else MAX_TEMPERATURE
         logger.warning("temperature %.3g sits at the search bound: the validation set cannot pin it down", temperature)
         return temperature
+    from scipy.optimize import brentq
+
     temperature = float(math.exp(brentq(gap, lo, hi, xtol=1e-9)))
     logger.info(
         "temperature %.4f: mean confidence %.4f -> %.4f = accuracy on %d samples",

@@ -21,19 +21,19 @@ from collections import Counter
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
-import matplotlib
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 
-matplotlib.use("Agg")  # headless: the report is written to files, never shown
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image, UnidentifiedImageError  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+from tumor_xai.data import DataError, DecodedSplit, KaggleDataset, decode_samples, discover
+from tumor_xai.duplicates import DEFAULT_THRESHOLD, group_ids, near_duplicate_pairs
 
-from tumor_xai.data import DataError, DecodedSplit, KaggleDataset, decode_samples, discover  # noqa: E402
-from tumor_xai.duplicates import DEFAULT_THRESHOLD, group_ids, near_duplicate_pairs  # noqa: E402
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = [
     "BLACK_LEVEL",
@@ -231,18 +231,29 @@ def duplicate_census(
 # --------------------------------------------------------------------------------------------- figures
 
 
-def _save(fig: plt.Figure, out: Path, name: str) -> str:
+def _pyplot():
+    """matplotlib's pyplot on the headless Agg backend (the report is written to files, never shown), imported
+    when the first figure is drawn rather than with the module."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Figure, out: Path, name: str) -> str:
     fig.savefig(out / name, dpi=DPI, bbox_inches="tight")
-    plt.close(fig)
+    _pyplot().close(fig)
     return name
 
 
 def _class_colors(n: int) -> list:
-    return [plt.get_cmap("tab10")(i) for i in range(n)]
+    return [_pyplot().get_cmap("tab10")(i) for i in range(n)]
 
 
 def plot_counts(counts: dict[str, list[int]], class_names: list[str], out: Path) -> str:
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = _pyplot().subplots(figsize=(7, 3.5))
     x = np.arange(len(class_names))
     width = 0.38
     for k, split in enumerate(SPLITS):
@@ -257,7 +268,7 @@ def plot_counts(counts: dict[str, list[int]], class_names: list[str], out: Path)
 
 
 def plot_means(means: dict[str, np.ndarray], class_names: list[str], out: Path) -> str:
-    fig, axes = plt.subplots(len(SPLITS), len(class_names), figsize=(2.4 * len(class_names), 2.6 * len(SPLITS)))
+    fig, axes = _pyplot().subplots(len(SPLITS), len(class_names), figsize=(2.4 * len(class_names), 2.6 * len(SPLITS)))
     axes = np.atleast_2d(axes)
     for r, split in enumerate(SPLITS):
         for c, name in enumerate(class_names):
@@ -275,7 +286,7 @@ def plot_mean_differences(mean: np.ndarray, class_names: list[str], out: Path) -
     vmax = max(float(np.abs(d).max()) for d in diffs) or 1.0
     ncols = min(3, len(pairs))
     nrows = int(np.ceil(len(pairs) / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.0 * ncols, 3.0 * nrows), squeeze=False)
+    fig, axes = _pyplot().subplots(nrows, ncols, figsize=(3.0 * ncols, 3.0 * nrows), squeeze=False)
     im = None
     for ax, (a, b), d in zip(axes.flat, pairs, diffs, strict=False):
         im = ax.imshow(d, cmap="RdBu_r", vmin=-vmax, vmax=vmax)
@@ -291,7 +302,7 @@ def plot_mean_differences(mean: np.ndarray, class_names: list[str], out: Path) -
 def plot_histograms(hists: dict[str, np.ndarray], class_names: list[str], out: Path) -> str:
     """``hists[split]`` is (classes, 256) pixel counts."""
     colors = _class_colors(len(class_names))
-    fig, (ax_all, ax_fg) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, (ax_all, ax_fg) = _pyplot().subplots(1, 2, figsize=(11, 3.8))
     levels = np.arange(256)
     for split, style in zip(SPLITS, ("-", "--"), strict=False):
         for c, name in enumerate(class_names):
@@ -325,7 +336,7 @@ def plot_quality(
     # a statistic with one value everywhere (e.g. a JPEG quality every file shares) gets no panel
     keys = [k for k in STAT_LABELS if _varies(np.concatenate([stats[s][k] for s in SPLITS]))]
     ncols = int(np.ceil(len(keys) / 2))
-    fig, axes = plt.subplots(2, ncols, figsize=(4.3 * ncols, 6.5), squeeze=False)
+    fig, axes = _pyplot().subplots(2, ncols, figsize=(4.3 * ncols, 6.5), squeeze=False)
     for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
     colors = _class_colors(len(class_names))
@@ -355,7 +366,7 @@ def plot_quality(
 
 def plot_nearest(nearest: np.ndarray, nearest_other: np.ndarray, threshold: float, out: Path) -> str:
     """Histogram (log x) of each Testing image's distance to its nearest Training image, any class and other class."""
-    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    fig, ax = _pyplot().subplots(figsize=(7.5, 3.6))
     finite = np.concatenate([nearest, nearest_other[np.isfinite(nearest_other)]])
     positive = finite[finite > 0]
     lo = float(positive.min()) if len(positive) else threshold / 10
@@ -382,7 +393,7 @@ def plot_nearest(nearest: np.ndarray, nearest_other: np.ndarray, threshold: floa
 def plot_pairs(examples: list[tuple[np.ndarray, str, np.ndarray, str, str]], out: Path) -> str:
     """``examples``: (image A, caption A, image B, caption B, row title)."""
     n = max(1, len(examples))
-    fig, axes = plt.subplots(n, 2, figsize=(5.6, 2.9 * n), squeeze=False)
+    fig, axes = _pyplot().subplots(n, 2, figsize=(5.6, 2.9 * n), squeeze=False)
     for row, (a, cap_a, b, cap_b, title) in zip(axes, examples, strict=False):
         for ax, im, cap in zip(row, (a, b), (cap_a, cap_b), strict=False):
             ax.imshow(im, cmap="gray", vmin=0, vmax=255)

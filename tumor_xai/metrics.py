@@ -8,7 +8,6 @@ decision and for the stored screening threshold.
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
 from tumor_xai.checkpoint import NEGATIVE_CLASS
 
@@ -78,6 +77,8 @@ def roc_auc_ovr(probs: np.ndarray, labels: np.ndarray, class_names: list[str]) -
     A class with no positives or no negatives in ``labels`` has no AUC (``None``) and is left out
     of the mean; ``macro`` is ``None`` when no class has one.
     """
+    from sklearn.metrics import roc_auc_score  # scikit-learn loads when scoring, not with the package
+
     probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels)
     per_class: dict[str, float | None] = {}
     for k, name in enumerate(class_names):
@@ -125,6 +126,8 @@ def classification_metrics(
         )
     if len(labels) == 0:
         raise ValueError("no samples to score")
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
     k = len(class_names)
     pred = probs.argmax(axis=1)
     precision, recall, f1, support = precision_recall_fscore_support(

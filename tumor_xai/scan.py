@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.figure import Figure  # no pyplot: no global state, safe in a server's threads
 from PIL import Image
 
 from tumor_xai import explain as xai
@@ -243,6 +242,10 @@ def _ranges(indices: list[int]) -> str:
 def curve_figure(scan: ScanPrediction, title: str | None = None):
     """The per-slice curve: tumour probability (bold) and each class against slice position, the screening
     threshold dashed, slices not assessed shaded grey, the top slices marked. A matplotlib Figure."""
+    # A Figure without pyplot: no global state, safe in a server's threads. Imported here, where a curve is
+    # drawn, so that importing the package (and starting the app) does not pay for matplotlib.
+    from matplotlib.figure import Figure
+
     pos = scan.volume.positions
     keep = scan.included
     fig = Figure(figsize=(8, 3.6), dpi=100)
