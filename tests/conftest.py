@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -208,6 +209,18 @@ def browser_missing(chromium: str | None, chromedriver: str | None) -> str | Non
         f"{' and '.join(missing)} not found on PATH: the browser tests need the Debian packages chromium and "
         "chromium-driver (`apt-get install -y chromium chromium-driver`)"
     )
+
+
+@pytest.fixture(scope="module")
+def temp_folders(tmp_path_factory):
+    """Keep a module's files out of the machine's temp folder: gradio_client downloads every output
+    through a new folder there and leaves the folder behind, and in-process handlers write their outputs
+    to GRADIO_TEMP_DIR (default ``<tmp>/gradio``)."""
+    root = tmp_path_factory.mktemp("temp")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tempfile, "tempdir", str(root))
+        mp.setenv("GRADIO_TEMP_DIR", str(root / "gradio"))
+        yield root
 
 
 @pytest.fixture(scope="session")

@@ -522,6 +522,7 @@ def test_strip_reduction_equals_one_whole_image_reduce(monkeypatch, mode):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
 
 
+@pytest.mark.slow
 def test_large_jpeg_is_decoded_at_a_reduced_scale():
     yy, xx = np.mgrid[:3000, :4200]
     img = Image.fromarray(((yy // 300 + xx // 300) % 2 * 200 + 20).astype(np.uint8))

@@ -48,6 +48,7 @@ def test_the_combined_network_averages_its_members_logits_and_their_activation_m
     shell.load_state_dict(combined.state_dict(), strict=True)
 
 
+@pytest.mark.slow
 def test_the_cli_writes_weights_that_load_predict_and_say_what_they_are(tiny_dataset, tmp_path):
     a = make_weights(tmp_path / "a", seed=0, training=CARVE_OUT)
     b = make_weights(tmp_path / "b", seed=1, training=CARVE_OUT)

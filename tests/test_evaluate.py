@@ -161,6 +161,7 @@ def _write_masks(data: Path, out: Path, n_per_class: int = 2) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_cli_writes_every_file(tiny_dataset, tiny_weights, tmp_path, capsys):
     masks = _write_masks(tiny_dataset, tmp_path / "masks")
     out = tmp_path / "eval"

@@ -271,6 +271,7 @@ def test_shipped_detector_flags_non_brain_pixels(shipped, name):
     assert not shipped.predict(others[name]()).in_distribution, f"{name} passed as a brain MRI slice"
 
 
+@pytest.mark.slow
 def test_shipped_detector_passes_the_examples(shipped):
     from conftest import EXAMPLES
 

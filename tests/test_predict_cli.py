@@ -104,6 +104,7 @@ def test_csv_cells_that_a_spreadsheet_would_run_are_text(text):
     assert report.csv_cell(True) == "true" and report.csv_cell(0.25) == "0.250000"
 
 
+@pytest.mark.slow
 def test_scans_get_a_folder_each_with_slices_curve_and_top_overlays(tiny_weights, tmp_path, capsys):
     import zipfile
 

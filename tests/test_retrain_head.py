@@ -25,6 +25,7 @@ def retrained(tiny_dataset, tmp_path_factory):
     return init, out, args
 
 
+@pytest.mark.slow
 def test_only_the_classifier_changes_and_the_choice_is_recorded(retrained):
     init, out, _ = retrained
     before, after = load_weights(init), load_weights(out)

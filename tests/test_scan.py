@@ -46,6 +46,7 @@ def test_every_slice_is_classified_as_a_single_slice_would_be(tiny_weights_dir, 
     assert steps[0] == 0.0 and steps[-1] == 1.0 and len(steps) >= 3
 
 
+@pytest.mark.slow
 def test_summary_and_files(tiny_weights_dir, scan_path, tmp_path):
     scan = Predictor.from_pretrained(tiny_weights_dir).predict_volume(scan_path, top_k=2)
     s = scan.summary()
@@ -97,6 +98,7 @@ def test_a_volume_object_is_taken_as_it_is_and_thin_reformats_are_refused(tiny_w
         predictor.predict_volume(read_volume(scan_path, "coronal"))
 
 
+@pytest.mark.slow
 def test_scan_request_writes_every_slice_and_refuses_bad_options(tiny_weights_dir, scan_path, tmp_path, monkeypatch):
     from tumor_xai import scan_ui, serve
 

@@ -78,6 +78,7 @@ def test_pooling_avgmax_fine_tunes_an_average_pooled_start_and_stays_avgmax(trai
     assert pooling_of(load_weights(out).model) == "avgmax"
 
 
+@pytest.mark.slow
 def test_init_fine_tunes_from_weights_and_refuses_a_leaking_split(trained, tiny_dataset, tmp_path, capsys, caplog):
     caplog.set_level(logging.INFO, logger="tumor_xai.train")  # train() logs its progress; only main() prints
     out = tmp_path / "fine"
