@@ -62,7 +62,7 @@ class HeadConfig:
     passes: int = 4  # augmented passes over the training slices whose features the layer is fitted on
     lesion_paste: float = 1.0  # share of no-tumour slices given a pasted twin in each pass
     paste_donors: str = "balanced"  # see tumor_xai.train.PASTE_DONORS
-    anchors: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0, 2.0, 5.0, 10.0)
+    anchors: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
     max_lost: int = 1  # validation images the result may get wrong beyond the starting weights' errors
     label_smoothing: float = 0.1
     pooling: str = "avg"  # the refitted classifier's input: "avgmax" adds each channel's maximum (model.AvgMaxPool)
