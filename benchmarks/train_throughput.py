@@ -1,7 +1,7 @@
 """Training throughput (images/s) of the real training step (:func:`tumor_xai.train.train_one_epoch`:
-on-device augmentation, bf16 autocast, channels-last, SGD) on whatever device is available.
+on-device augmentation, bf16 autocast where the hardware has it, channels-last, SGD) on whatever device is available.
 
-    python benchmarks/train_throughput.py [--device auto] [--image-size 224] [--batch-size 128] [--steps 20]
+    python benchmarks/train_throughput.py [--device auto] [--image-size 224] [--batch-size 128] [--steps 20] [--amp auto]
     python benchmarks/train_throughput.py --data DIR --epochs 100   # time full epochs over the real Training set
 
 Without --data it uses random uint8 images (throughput does not depend on pixel values).
@@ -23,6 +23,7 @@ from tumor_xai.train import (
     build_optimizer,
     resolve_device,
     train_one_epoch,
+    use_bf16,
     wrap_for_training,
 )
 
@@ -46,7 +47,12 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=20, help="timed steps (after warm-up) without --data")
-    p.add_argument("--amp", default="bf16", choices=["bf16", "off"])
+    p.add_argument(
+        "--amp",
+        default="auto",
+        choices=["auto", "bf16", "off"],
+        help="bf16 autocast; auto: as training decides (on where the CPU or GPU computes bf16 natively)",
+    )
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     p.add_argument("--data", help="time whole epochs over this dataset's Training split instead")
     p.add_argument("--epochs", type=int, default=1)
@@ -57,9 +63,12 @@ def main() -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     epochs = args.epochs if args.data else 1
-    cfg = TrainConfig(arch=args.arch, image_size=args.image_size, batch_size=args.batch_size, epochs=epochs)
+    cfg = TrainConfig(
+        arch=args.arch, image_size=args.image_size, batch_size=args.batch_size, epochs=epochs, amp=args.amp
+    )
+    bf16 = use_bf16(cfg, device)
     pre = PreprocessConfig(input_size=cfg.image_size, intensity=cfg.intensity)
-    ctx = RunContext(cfg, pre, device, bf16=args.amp == "bf16")
+    ctx = RunContext(cfg, pre, device, bf16=bf16)
     data = load_split(args, device)
     model = build_model(args.arch, 4).to(device).to(memory_format=torch.channels_last)
     optimizer, scheduler, _ = build_optimizer(ctx, model, len(data))
@@ -76,7 +85,9 @@ def main() -> None:
     dt = time.perf_counter() - t
     seen = epochs * len(data)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
-    print(f"device: {name}  arch {args.arch}  {args.image_size}px  batch {args.batch_size}  amp {args.amp}")
+    print(
+        f"device: {name}  arch {args.arch}  {args.image_size}px  batch {args.batch_size}  amp {'bf16' if bf16 else 'off'}"
+    )
     print(f"train throughput: {seen / dt:.1f} images/s ({seen} images in {dt:.1f}s)")
     if args.data:
         per_epoch = dt / epochs
