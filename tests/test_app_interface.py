@@ -2,8 +2,8 @@
 flags, its handlers called in-process, and a start-up without weights.
 
 These tests run on any pytest-xdist worker (test_app.py's server tests share one, see
-``conftest.SHARED_WORKER``); each builds the interface anew, so they are marked slow: the first pays
-Gradio's import (seconds), which the fast lane leaves out.
+``conftest.SHARED_WORKER``). They are marked slow: the interface tests build it anew (the first pays
+Gradio's import, seconds) and the start-up test starts an interpreter, which the fast lane leaves out.
 """
 
 from __future__ import annotations
